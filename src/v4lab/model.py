@@ -1,0 +1,221 @@
+"""The v4lab language model: a pre-norm decoder assembled from a :class:`ModelConfig`.
+
+With every switch off it is a plain decoder (RMSNorm, RoPE, SwiGLU, multi-head causal
+attention). Each architectural piece is one module under ``v4lab.modules`` and one
+switch here:
+
+    attention.kind      mha | mla            (modules/attention.py, modules/mla.py)
+    attention.sparse    lightning indexer    (modules/sparse.py)
+    attention.vvpa      position in values   (modules/mla.py)
+    attention.kv_cache  fp32 | bf16 | fp8 | int8 storage
+    moe.enabled         DeepSeekMoE          (modules/moe.py)
+    engram.enabled      Engram memory        (modules/engram.py)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v4lab.modules.args import (
+    AttentionConfig,
+    EngramConfig,
+    MoEConfig,
+    require,
+    require_positive,
+)
+from v4lab.modules.attention import MultiHeadAttention
+from v4lab.modules.context import ForwardContext
+from v4lab.modules.ffn import SwiGLU
+from v4lab.modules.norm import RMSNorm
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines the network. Sizes default to a tiny working model."""
+
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    ffn_dim: int = 683
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+
+    def validate(self, path: str = "model") -> ModelConfig:
+        for key in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
+            require_positive(f"{path}.{key}", getattr(self, key))
+        require(self.rope_theta > 0, f"{path}.rope_theta", self.rope_theta, "> 0")
+        require(self.norm_eps > 0, f"{path}.norm_eps", self.norm_eps, "> 0")
+        require(self.init_std > 0, f"{path}.init_std", self.init_std, "> 0")
+        self.attention.validate(f"{path}.attention", self.dim)
+        self.moe.validate(f"{path}.moe", self.n_layers)
+        self.engram.validate(f"{path}.engram", self.n_layers)
+        return self
+
+
+def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.attention.kind == "mha":
+        return MultiHeadAttention(cfg.dim, cfg.attention, cfg.rope_theta)
+    from v4lab.modules.mla import MultiHeadLatentAttention
+
+    return MultiHeadLatentAttention(cfg.dim, cfg.attention, cfg.rope_theta, cfg.norm_eps)
+
+
+def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.moe.enabled and layer_idx >= cfg.moe.first_dense_layers:
+        from v4lab.modules.moe import MoE
+
+        return MoE(cfg.dim, cfg.moe)
+    return SwiGLU(cfg.dim, cfg.ffn_dim)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block: [Engram] -> attention -> FFN/MoE, each residual.
+
+    x: [B, T, dim] -> [B, T, dim].
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.engram = None
+        if cfg.engram.enabled and layer_idx in cfg.engram.layers:
+            from v4lab.modules.engram import Engram
+
+            self.engram = Engram(cfg.dim, cfg.engram, layer_idx, cfg.vocab_size, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = build_ffn(cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        cache = ctx.caches[self.layer_idx] if ctx.caches is not None else {}
+        if self.engram is not None:
+            x = x + self.engram(x, ctx, cache.get("engram"))
+        x = x + self.attn(self.attn_norm(x), ctx, cache.get("attn"))
+        return x + self.ffn(self.ffn_norm(x), ctx)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    forward(input_ids [B, T]) -> logits [B, T, vocab_size].
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the residual output projections by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "ffn.w2.weight")) or ".w2." in name:
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        b, t = input_ids.shape
+        if ctx is None:
+            ctx = ForwardContext(positions=torch.arange(t, device=input_ids.device))
+        if ctx.input_ids is None:
+            ctx.input_ids = input_ids
+        end = int(ctx.positions[-1]) + 1
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"position {end - 1} is beyond model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_emb(input_ids)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.lm_head(self.norm(x))
+
+    # ---- decoding -------------------------------------------------------------------
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[dict]:
+        """Empty decode state per layer, for ``batch`` sequences of up to ``max_len`` tokens:
+        ``{"attn": KV cache}`` plus ``"engram"`` (its convolution state) where present."""
+        max_len = max_len or self.cfg.max_seq_len
+        device = self.tok_emb.weight.device
+        caches = []
+        for blk in self.blocks:
+            cache = {"attn": blk.attn.new_cache(batch, max_len, device)}
+            if blk.engram is not None:
+                cache["engram"] = blk.engram.new_cache(batch, device)
+            caches.append(cache)
+        return caches
+
+    def kv_bytes_per_token(self, caches: list[dict]) -> int:
+        """KV bytes per token summed over layers, measured from the stored cache tensors."""
+        return sum(c["attn"].bytes_per_token() for c in caches)
+
+    def forward_cached(self, input_ids: torch.Tensor, caches: list, start_pos: int,
+                       history: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens [B, T] at positions start_pos.. through the caches; logits [B, T, V].
+
+        ``history`` [B, start_pos + T] holds every token so far (Engram hashes suffixes
+        that reach back before this chunk); defaults to ``input_ids`` alone.
+        """
+        t = input_ids.shape[1]
+        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
+        ctx = ForwardContext(positions=positions, input_ids=input_ids, caches=caches,
+                             history_ids=history if history is not None else input_ids)
+        return self.forward(input_ids, ctx)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation with the KV cache.
+
+        prompt: [B, T0] -> [B, T0 + max_new_tokens].
+        """
+        b, t0 = prompt.shape
+        caches = self.new_caches(b, t0 + max_new_tokens)
+        tokens = prompt
+        logits = self.forward_cached(prompt, caches, 0, history=tokens)[:, -1]
+        for i in range(max_new_tokens):
+            if temperature > 0:
+                probs = F.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if i + 1 < max_new_tokens:
+                logits = self.forward_cached(nxt, caches, t0 + i, history=tokens)[:, -1]
+        return tokens
+
+    # ---- accounting -------------------------------------------------------------------
+    def num_params(self) -> int:
+        """All parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: routed experts count top_k of n, Engram rows only
+        those looked up; the embedding table counts one row."""
+        total = self.num_params()
+        total -= self.tok_emb.weight.numel() - self.cfg.dim
+        if self.cfg.tie_embeddings:
+            total += self.tok_emb.weight.numel() - self.cfg.dim  # lm_head is the same matrix
+        for blk in self.blocks:
+            inactive = getattr(blk.ffn, "inactive_params_per_token", None)
+            if inactive is not None:
+                total -= inactive()
+            if blk.engram is not None:
+                total -= blk.engram.inactive_params_per_token()
+        return total

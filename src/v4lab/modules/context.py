@@ -1,0 +1,65 @@
+"""The per-forward context handed from the model to every block.
+
+It carries what some pieces need beyond the hidden state (token positions, input ids
+for Engram, the decode cache, the training step for sparse attention's warm-up) and
+collects what they give back (auxiliary losses, scalar statistics for logging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from v4lab.modules.rope import rope_angles
+
+
+@dataclass
+class ForwardContext:
+    """State shared by all blocks during one forward pass.
+
+    positions: [T] absolute position of each token of the input (start_pos .. start_pos+T-1).
+    input_ids: [B, T] token ids of the input (Engram hashes them).
+    caches: per layer, a dict of decode state ({"attn": KV cache, "engram": ...}) when
+      decoding incrementally, else None.
+    history_ids: [B, P + T] every token so far when decoding (P cached before this chunk);
+      pieces that look back beyond the chunk (Engram's N-grams) read it.
+    step: global training step (selects sparse attention's training phase).
+    aux_losses: name -> scalar tensor; the trainer adds their sum to the LM loss.
+    stats: name -> float; logged as metrics (e.g. ``sparse/recall``).
+    """
+
+    positions: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    caches: list[dict[str, Any]] | None = None
+    history_ids: torch.Tensor | None = None
+    step: int = 0
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    _rope: dict = field(default_factory=dict, repr=False)
+
+    def add_loss(self, name: str, value: torch.Tensor) -> None:
+        """Accumulate an auxiliary loss (summed over layers)."""
+        self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+
+    def add_stat(self, name: str, value: float) -> None:
+        """Accumulate a statistic as a mean over the layers that report it."""
+        total, count = self.stats.get(name + "#sum", 0.0), self.stats.get(name + "#n", 0)
+        self.stats[name + "#sum"], self.stats[name + "#n"] = total + float(value), count + 1
+
+    def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, dim/2] for ``positions``, computed once per (dim, theta) and shared."""
+        key = (dim, theta)
+        if key not in self._rope:
+            self._rope[key] = rope_angles(self.positions, dim, theta)
+        return self._rope[key]
+
+    def mean_stats(self) -> dict[str, float]:
+        """The statistics averaged over reporting layers: name -> mean."""
+        out = {}
+        for key, total in self.stats.items():
+            if key.endswith("#sum"):
+                name = key[: -len("#sum")]
+                out[name] = total / self.stats[name + "#n"]
+        return out
