@@ -200,6 +200,33 @@ class Transformer(nn.Module):
                 logits = self.forward_cached(nxt, caches, t0 + i, history=tokens)[:, -1]
         return tokens
 
+    # ---- training hooks ---------------------------------------------------------------
+    def on_train_step_end(self) -> None:
+        """Called by the trainer after every optimizer step: pieces that keep running state
+        (MoE's balancing bias) update it by defining ``on_train_step_end`` themselves."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "on_train_step_end"):
+                module.on_train_step_end()
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: matrices decay; norms, biases and 1-d parameters do not.
+
+        A parameter may carry ``lr_multiplier`` (float) and ``no_weight_decay`` (bool)
+        attributes (Engram's table does); each distinct (lr multiplier, decay) pair is a
+        group with keys ``params``, ``weight_decay``, ``lr_multiplier`` and ``name``.
+        """
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            decay = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+            groups.setdefault((float(getattr(p, "lr_multiplier", 1.0)), decay), []).append(p)
+        return [
+            {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_multiplier": mult,
+             "name": f"{'decay' if decay else 'no_decay'}_lr{mult:g}"}
+            for (mult, decay), ps in sorted(groups.items())
+        ]
+
     # ---- accounting -------------------------------------------------------------------
     def num_params(self) -> int:
         """All parameters (tied weights counted once)."""

@@ -25,7 +25,8 @@ class ForwardContext:
       decoding incrementally, else None.
     history_ids: [B, P + T] every token so far when decoding (P cached before this chunk);
       pieces that look back beyond the chunk (Engram's N-grams) read it.
-    step: global training step (selects sparse attention's training phase).
+    step: global training step during training and validation (selects sparse
+      attention's training phase); None at inference (every piece in its final mode).
     aux_losses: name -> scalar tensor; the trainer adds their sum to the LM loss.
     stats: name -> float; logged as metrics (e.g. ``sparse/recall``).
     """
@@ -34,7 +35,7 @@ class ForwardContext:
     input_ids: torch.Tensor | None = None
     caches: list[dict[str, Any]] | None = None
     history_ids: torch.Tensor | None = None
-    step: int = 0
+    step: int | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     _rope: dict = field(default_factory=dict, repr=False)
