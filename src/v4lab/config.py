@@ -1,0 +1,151 @@
+"""Run-level configuration schema: data, trainer, logger, paths and the run itself.
+
+Hydra composes YAML from ``conf/``; :func:`load_run_config` merges it onto these
+dataclasses (unknown keys and wrong types fail with OmegaConf's message naming the full
+key) and then checks values (:class:`~v4lab.modules.args.ConfigError` names the key, the
+value and what is allowed). Nothing trains before this has passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from v4lab.model import ModelConfig
+from v4lab.modules.args import ConfigError, require, require_choice, require_positive
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class DataConfig:
+    """Corpus and tokenizer.
+
+    source: ``stdlib`` (this Python's standard library source) or a directory of code.
+    include / exclude: glob patterns (relative to the source root) selecting files.
+    max_files: keep only the first N files in path order (0 = all); for smoke corpora.
+    root: where prepared corpora live (one folder per source + settings).
+    """
+
+    source: str = "stdlib"
+    include: list[str] = field(default_factory=lambda: ["**/*.py"])
+    exclude: list[str] = field(default_factory=list)
+    max_files: int = 0
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    root: str = "data"
+
+    def validate(self, path: str = "data") -> None:
+        require(bool(self.source), f"{path}.source", self.source,
+                "'stdlib' or a directory of source files")
+        require(self.vocab_size >= 257, f"{path}.vocab_size", self.vocab_size,
+                ">= 257 (256 byte symbols + the end-of-text token)")
+        require(self.vocab_size <= 65535, f"{path}.vocab_size", self.vocab_size,
+                "<= 65535 (tokens are stored as uint16)")
+        require(self.max_files >= 0, f"{path}.max_files", self.max_files, ">= 0 (0 = all files)")
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            require(0 < v < 0.5, f"{path}.{key}", v, "a fraction in (0, 0.5)")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and the Lightning Trainer. Steps count optimizer steps."""
+
+    max_steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int = 1
+    val_every_n_steps: int = 100
+    val_batches: int = 8
+    test_batches: int = 8
+    checkpoint_every_n_steps: int = 50
+    log_every_n_steps: int = 10
+    num_threads: int = 0
+
+    def validate(self, path: str = "trainer") -> None:
+        for key in ("max_steps", "batch_size", "seq_len", "val_every_n_steps", "val_batches",
+                    "test_batches", "checkpoint_every_n_steps", "log_every_n_steps", "devices"):
+            require_positive(f"{path}.{key}", getattr(self, key))
+        require(self.lr > 0, f"{path}.lr", self.lr, "> 0")
+        require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", self.min_lr_ratio,
+                "in [0, 1]")
+        require(0 <= self.warmup_steps < self.max_steps, f"{path}.warmup_steps",
+                self.warmup_steps, f"in [0, max_steps={self.max_steps})")
+        require(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, ">= 0")
+        for key in ("beta1", "beta2"):
+            require(0 <= getattr(self, key) < 1, f"{path}.{key}", getattr(self, key), "in [0, 1)")
+        require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0 (0 = off)")
+        require_choice(f"{path}.precision", self.precision, PRECISIONS)
+        require_choice(f"{path}.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda"))
+        require(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
+                ">= 0 (0 = torch's default)")
+
+
+@dataclass
+class LoggerConfig:
+    """W&B. mode: offline (default; no network), online (uploads), disabled (no W&B run)."""
+
+    project: str = "v4lab"
+    mode: str = "offline"
+    dir: str = "logs"
+
+    def validate(self, path: str = "logger") -> None:
+        require_choice(f"{path}.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class RunConfig:
+    """One run: which experiment, which seed, and everything it is made of."""
+
+    experiment: str = "default"
+    study: str = "adhoc"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def validate(self) -> RunConfig:
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
+                "a non-negative integer")
+        self.model.validate("model")
+        self.data.validate("data")
+        self.trainer.validate("trainer")
+        self.logger.validate("logger")
+        require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
+                self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        require(self.model.vocab_size == self.data.vocab_size, "model.vocab_size",
+                self.model.vocab_size, f"equal to data.vocab_size={self.data.vocab_size}")
+        return self
+
+
+def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """Merge a composed config onto the schema and validate it.
+
+    Raises :class:`ConfigError` (bad values) or OmegaConf's ValidationError / ConfigKeyError
+    (unknown keys, wrong types), both naming the offending key.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    run_cfg = OmegaConf.to_object(merged)
+    assert isinstance(run_cfg, RunConfig)
+    return run_cfg.validate()
+
+
+__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "RunConfig", "TrainerConfig",
+           "load_run_config"]

@@ -1,0 +1,1 @@
+"""Corpus preparation, tokenizer, token shards and the Lightning DataModule."""

@@ -1,0 +1,119 @@
+"""LightningDataModule over prepared token shards.
+
+Training samples are windows of ``seq_len + 1`` tokens. Sample ``i`` is fully determined
+by (seed, i): windows are non-overlapping slots of the train shard visited in a seeded
+permutation, a fresh permutation per pass. The sampler starts at the number of samples
+already consumed, which the module saves in every checkpoint, so a resumed run sees
+exactly the batches an uninterrupted run would have seen.
+
+Validation and test use fixed windows spread evenly over their shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from v4lab.data.prepare import verify
+
+
+class TrainWindows(Dataset):
+    """Seeded windows of the train shard. item i -> LongTensor [seq_len + 1]."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, num_samples: int, seed: int) -> None:
+        self.tokens, self.seq_len, self.num_samples, self.seed = tokens, seq_len, num_samples, seed
+        self.n_slots = (len(tokens) - 1) // seq_len
+        if self.n_slots < 1:
+            raise ValueError(f"train shard has {len(tokens)} tokens, fewer than one window "
+                             f"of trainer.seq_len+1={seq_len + 1}")
+        self._perm_pass, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        pass_idx, j = divmod(i, self.n_slots)
+        if pass_idx != self._perm_pass:
+            rng = np.random.default_rng([self.seed, pass_idx])
+            self._perm, self._perm_pass = rng.permutation(self.n_slots), pass_idx
+        start = int(self._perm[j]) * self.seq_len
+        return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+
+
+class FixedWindows(Dataset):
+    """``count`` windows of ``seq_len + 1`` tokens spread evenly over a shard."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, count: int) -> None:
+        n_slots = (len(tokens) - 1) // seq_len
+        if n_slots < 1:
+            raise ValueError(f"shard has {len(tokens)} tokens, fewer than one window of "
+                             f"{seq_len + 1}")
+        count = min(count, n_slots)
+        self.starts = (np.linspace(0, n_slots - 1, count).round().astype(np.int64) * seq_len)
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s = int(self.starts[i])
+        return torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
+
+
+class ResumableSampler(Sampler[int]):
+    """Yields start, start+1, ..., n-1: the samples a resumed run has not consumed yet.
+
+    ``len`` stays ``n``: Lightning restores its own count of batches already seen in the
+    epoch and adds the ones it draws now, so the epoch must keep its full length or
+    Lightning would end it early and start the loader over.
+    """
+
+    def __init__(self, n: int, start: int = 0) -> None:
+        self.n, self.start = n, start
+
+    def __iter__(self):
+        return iter(range(self.start, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Train/val/test loaders over a prepared corpus folder."""
+
+    def __init__(self, folder: str | Path, seq_len: int, batch_size: int, max_steps: int,
+                 seed: int, val_batches: int, test_batches: int) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.seq_len, self.batch_size, self.max_steps, self.seed = seq_len, batch_size, max_steps, seed
+        self.val_batches, self.test_batches = val_batches, test_batches
+        self.manifest = verify(self.folder)
+        self.samples_consumed = 0
+
+    def shard(self, split: str) -> np.ndarray:
+        return np.memmap(self.folder / f"{split}.bin", dtype=np.uint16, mode="r")
+
+    def train_dataloader(self) -> DataLoader:
+        ds = TrainWindows(self.shard("train"), self.seq_len, self.max_steps * self.batch_size,
+                          self.seed)
+        return DataLoader(ds, batch_size=self.batch_size,
+                          sampler=ResumableSampler(len(ds), self.samples_consumed))
+
+    def val_dataloader(self) -> DataLoader:
+        ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
+        return DataLoader(ds, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        ds = FixedWindows(self.shard("test"), self.seq_len, self.test_batches * self.batch_size)
+        return DataLoader(ds, batch_size=self.batch_size)
+
+    # Saved in every checkpoint: how many training samples the run has consumed.
+    def state_dict(self) -> dict:
+        return {"samples_consumed": int(self.trainer.global_step) * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_consumed = int(state["samples_consumed"])

@@ -1,0 +1,262 @@
+"""The body of one run: config -> data -> model -> Lightning Trainer -> metrics.json.
+
+Called by ``run.py`` (Hydra) with the composed config and Hydra's run directory; tests
+call :func:`train` directly. Rerunning with the same run directory resumes from
+``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from v4lab import tracking
+from v4lab.config import RunConfig, load_run_config
+from v4lab.data.datamodule import CorpusDataModule
+from v4lab.data.prepare import prepare, token_byte_lengths
+from v4lab.lit import LitLM
+
+log = logging.getLogger("v4lab")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed: never half-written."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class Throughput(Callback):
+    """Training tokens per second, wall clock between step ends (data, forward, backward,
+    optimizer), skipping the first ``skip`` steps of each (re)start as warm-up."""
+
+    def __init__(self, tokens_per_step: int, skip: int = 2) -> None:
+        self.tokens_per_step, self.skip = tokens_per_step, skip
+        self.steps, self.seconds, self._last, self._seen = 0, 0.0, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._seen += 1
+        if self._last is not None and self._seen > self.skip:
+            self.steps, self.seconds = self.steps + 1, self.seconds + (now - self._last)
+        self._last = now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation time is not training time
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.steps * self.tokens_per_step / self.seconds if self.seconds > 0 else float("nan")
+
+
+class PlainProgress(Callback):
+    """One line every ``every`` steps when stdout is not a terminal (logs, CI, DVC)."""
+
+    def __init__(self, every: int, throughput: Throughput) -> None:
+        self.every, self.throughput = every, throughput
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            loss = trainer.callback_metrics.get("train/loss")
+            tps = self.throughput.tokens_per_s
+            print(f"step {step}/{trainer.max_steps}  train/loss {float(loss):.4f}  "
+                  f"{tps:,.0f} tok/s", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        m = trainer.callback_metrics
+        if "val/loss" in m and not trainer.sanity_checking:
+            print(f"step {trainer.global_step}  val/loss {float(m['val/loss']):.4f}  "
+                  f"val/bpb {float(m['val/bpb']):.4f}", flush=True)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto': bf16-mixed on a GPU that supports bf16, 16-mixed on other GPUs, fp32 on CPU
+    (this machine's bf16 matmuls measured no faster than fp32; see the README)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def git_rev() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def config_hash(config_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
+    """Parameter counts, KV bytes per token from a real cache, and training FLOPs per token
+    counted by torch's FlopCounterMode on one forward + backward of one sequence."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = lit.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        caches = model.new_caches(1, 4)
+        model.forward_cached(torch.zeros(1, 2, dtype=torch.long), caches, 0)
+        kv_bytes = model.kv_bytes_per_token(caches)
+    model.train()
+    x = torch.zeros(1, seq_len, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().logsumexp(-1).mean().backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {
+        "cost/params_total": float(model.num_params()),
+        "cost/params_active": float(model.num_active_params()),
+        "cost/kv_bytes_per_token": float(kv_bytes),
+        "cost/train_flops_per_token": counter.get_total_flops() / seq_len,
+    }
+
+
+def _quiet_lightning() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*on_train_batch_end.*",
+                    ".*Checkpoint directory.*exists and is not empty.*",
+                    ".*`training_step` returned `None`.*", ".*LeafSpec.*",
+                    ".*your dataloader is not resumable.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
+          extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Run one experiment end to end; returns the metrics written to ``metrics.json``."""
+    run_cfg = cfg if isinstance(cfg, RunConfig) else load_run_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = asdict(run_cfg)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+    _quiet_lightning()
+    t = run_cfg.trainer
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    L.seed_everything(run_cfg.seed, workers=True, verbose=False)
+
+    folder = prepare(run_cfg.data)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    token_bytes = torch.from_numpy(token_byte_lengths(tokenizer))
+    dm = CorpusDataModule(folder, t.seq_len, t.batch_size, t.max_steps, run_cfg.seed,
+                          t.val_batches, t.test_batches)
+    lit = LitLM(run_cfg.model, t, token_bytes)
+    costs = measure_costs(lit, t.seq_len)
+
+    throughput = Throughput(t.batch_size * t.seq_len)
+    interactive = sys.stdout.isatty()
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps,
+                        save_last=True, save_top_k=0),
+        throughput,
+        RichProgressBar() if interactive else PlainProgress(t.log_every_n_steps, throughput),
+        *(extra_callbacks or []),
+    ]
+    logger = tracking.make_logger(run_cfg, run_dir, config_dict)
+    try:
+        trainer = L.Trainer(
+            max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
+            precision=resolve_precision(t.precision), gradient_clip_val=t.grad_clip or None,
+            val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None,
+            num_sanity_val_steps=0, logger=logger if logger is not None else False,
+            callbacks=callbacks, enable_progress_bar=interactive, enable_model_summary=False,
+            log_every_n_steps=t.log_every_n_steps, deterministic=True,
+            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+        )
+        last = run_dir / "checkpoints" / "last.ckpt"
+        t0 = time.perf_counter()
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
+        train_seconds = time.perf_counter() - t0
+        train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+        val = trainer.validate(lit, datamodule=dm, verbose=False)[0]
+        test = trainer.test(lit, datamodule=dm, verbose=False)[0]
+
+        metrics: dict[str, Any] = {
+            "experiment": run_cfg.experiment, "study": run_cfg.study, "seed": run_cfg.seed,
+            "config_hash": config_hash(config_dict), "git_rev": git_rev(),
+            "torch_version": torch.__version__, "corpus_sha256": dm.manifest["corpus_sha256"],
+            "train/steps": int(trainer.global_step),
+            "train/loss": train_loss,
+            "val/loss": float(val["val/loss"]), "val/bpb": float(val["val/bpb"]),
+            "test/loss": float(test["test/loss"]), "test/bpb": float(test["test/bpb"]),
+            "val/unigram_bpb": float(dm.manifest["unigram_val_bpb"]),
+            **costs,
+            "speed/train_tokens_per_s": throughput.tokens_per_s,
+            "time/train_s": train_seconds,
+        }
+        for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
+            metrics.setdefault(key, float(value))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if logger is not None:
+            logger.experiment.summary.update({k: v for k, v in metrics.items()})
+        report(metrics, run_dir, run_cfg)
+        return metrics
+    finally:
+        tracking.finish()
+
+
+def report(metrics: dict[str, Any], run_dir: Path, cfg: RunConfig) -> None:
+    """A short rich table of the headline metrics and where to look."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.experiment} (seed {cfg.seed})", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("val/loss", "val/bpb", "test/bpb", "val/unigram_bpb", "cost/params_total",
+                "cost/params_active", "cost/kv_bytes_per_token", "speed/train_tokens_per_s"):
+        v = metrics.get(key)
+        table.add_row(key, f"{v:,.4f}" if isinstance(v, float) and abs(v) < 1e4 else f"{v:,.0f}")
+    console = Console()
+    console.print(table)
+    console.print(f"run dir     {run_dir}\nmetrics     {run_dir / 'metrics.json'}\n"
+                  f"checkpoint  {run_dir / 'checkpoints' / 'last.ckpt'}\n"
+                  f"W&B         {Path(cfg.logger.dir) / 'wandb'} ({tracking.wandb_mode(cfg)}; "
+                  "view with `wandb leet logs/wandb`, upload with `wandb sync`)")

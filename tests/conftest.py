@@ -1,0 +1,44 @@
+"""Shared fixtures: Hydra composition, a tiny prepared corpus, W&B kept off the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Tests never touch the network: W&B is disabled unless a test asks for offline.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A small slice of the standard library: enough files for three splits, seconds to prepare.
+TINY_DATA = [
+    "data.include=[json/*.py,email/*.py,http/*.py,urllib/*.py,xml/dom/*.py,logging/*.py]",
+    "data.vocab_size=512",
+]
+
+
+def compose(overrides: list[str] | None = None):
+    """The project config as run.py would compose it (without Hydra's runtime)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A session-wide folder for prepared corpora (prepared once, reused by every test)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def smoke_overrides(data_root) -> list[str]:
+    """Overrides for a seconds-long training run on the tiny corpus."""
+    return ["trainer=smoke", f"data.root={data_root}", *TINY_DATA, "logger.mode=disabled",
+            "trainer.max_steps=12", "trainer.val_every_n_steps=6",
+            "trainer.checkpoint_every_n_steps=4", "trainer.seq_len=48"]
