@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CONF, ROOT, compose
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from conftest import CONF, ROOT, compose
 from v4lab.config import load_run_config
 from v4lab.modules.args import ConfigError
 

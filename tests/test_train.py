@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, compose
 from lightning.pytorch.callbacks import Callback
 
+from conftest import ROOT, compose
 from v4lab.lit import NonFiniteLossError, lr_lambda
 from v4lab.train import train
 

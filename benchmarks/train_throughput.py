@@ -1,0 +1,94 @@
+"""Training throughput and model FLOP utilisation (MFU) of one experiment, on this machine.
+
+Measured side by side in one process: the machine's dense matmul rate (fp32 and bf16,
+square GEMMs of the model's width class) and a training step (forward + backward +
+AdamW) of the experiment's model at its trainer batch. MFU = FLOPs counted by torch's
+FlopCounterMode per step x steps per second / measured matmul rate.
+
+    python benchmarks/train_throughput.py                      # baseline at the cpu size
+    python benchmarks/train_throughput.py +experiment=full trainer=smoke
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def main(overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from v4lab.config import load_run_config
+    from v4lab.lit import LitLM
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = load_run_config(compose("config", overrides=overrides or ["+experiment=baseline"]))
+    t = cfg.trainer
+    torch.manual_seed(0)
+    lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))
+    opt = torch.optim.AdamW(lit.parameters(), lr=1e-4)
+    batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
+
+    def step() -> None:
+        loss_sum, counts, ctx = lit._forward(batch)
+        loss = loss_sum / counts[0] + sum(ctx.aux_losses.values(), torch.zeros(()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 10.0 or reps < 3:
+        step()
+        reps += 1
+    step_s = (time.perf_counter() - t0) / reps
+    fp32, bf16 = matmul_tflops(torch.float32), matmul_tflops(torch.bfloat16)
+    tokens = t.batch_size * t.seq_len
+    achieved = flops_per_step / step_s / 1e12
+    lines = [
+        f"# Training throughput: {cfg.experiment} ({' '.join(overrides) or '+experiment=baseline'})",
+        "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| parameters (total / active) | {lit.model.num_params():,} / {lit.model.num_active_params():,} |",
+        f"| batch x seq_len | {t.batch_size} x {t.seq_len} = {tokens} tokens |",
+        f"| FLOPs per step (counted, fwd+bwd) | {flops_per_step / 1e9:.2f} GFLOP |",
+        f"| step time | {step_s * 1e3:.1f} ms |",
+        f"| training tokens/s | {tokens / step_s:,.0f} |",
+        f"| achieved | {achieved * 1e3:.1f} GFLOP/s |",
+        f"| measured matmul fp32 / bf16 | {fp32 * 1e3:.1f} / {bf16 * 1e3:.1f} GFLOP/s |",
+        f"| MFU vs fp32 matmul | {achieved / fp32:.1%} |",
+        f"| MFU vs bf16 matmul | {achieved / bf16:.1%} |",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = ROOT / "benchmarks" / "results" / f"train_throughput_{cfg.experiment}.md"
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
