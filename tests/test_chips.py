@@ -493,3 +493,19 @@ def test_cli_unknown_chip_lists_profiles(capsys):
 def test_cli_bad_value_fails_before_anything_runs(capsys):
     assert chips.main(["chip=nvidia_h100", "chip.peak_tflops.bf16.value=-1"]) == 2
     assert "chip.peak_tflops.bf16.value=-1.0 is not allowed" in capsys.readouterr().out
+
+
+def test_cli_fp8_kv_on_ascend_errors_then_falls_back(capsys):
+    mla_fp8 = ["model.attention.kind=mla", "model.attention.kv_cache.dtype=fp8"]
+    assert chips.main(["+experiment=chip_ascend_910c", *mla_fp8]) == 2
+    out = capsys.readouterr().out
+    assert "ascend_910c" in out and "chip.on_unsupported=fallback" in out
+    assert chips.main(["+experiment=chip_ascend_910c", *mla_fp8,
+                       "chip.on_unsupported=fallback"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache int8" in out and "fallback" in out
+
+
+def test_cli_unknown_experiment_is_a_clear_error(capsys):
+    assert chips.main(["+experiment=chip_nowhere"]) == 2
+    assert "chip_nowhere" in capsys.readouterr().out

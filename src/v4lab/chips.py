@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from v4lab.modules.args import KV_DTYPES, ConfigError, require, require_choice
 
 CONFIDENCES = ("high", "medium", "low", "roadmap", "unverified")
@@ -343,15 +345,11 @@ def _cpu_model() -> str:
 
 
 def host_key() -> str:
-    import torch
-
     return f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def _time_matmul(dtype: Any, n: int, budget_s: float) -> float:
     """Achieved FLOP/s of an n x n matmul in ``dtype``, best of repeated timings."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
@@ -366,8 +364,6 @@ def _time_matmul(dtype: Any, n: int, budget_s: float) -> float:
 
 def _time_copy(nbytes: int, budget_s: float) -> float:
     """Achieved memory bandwidth (bytes/s) of a tensor copy: read + write."""
-    import torch
-
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -380,8 +376,6 @@ def _time_copy(nbytes: int, budget_s: float) -> float:
 
 
 def _measure() -> dict[str, Any]:
-    import torch
-
     return {
         "cpu": _cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -617,9 +611,10 @@ def indexer_bytes_per_token_layer(cfg: Any) -> int:
     return dim + max(1, dim // a.kv_cache.block_size) * SCALE_BYTES[a.kv_cache.scale_format]
 
 
-def kv_bytes_per_token(cfg: Any) -> int:
+def kv_bytes_per_token(cfg: Any, include_indexer: bool = True) -> int:
     """KV-cache bytes per token summed over layers (main cache + indexer keys)."""
-    return cfg.n_layers * (kv_bytes_per_token_layer(cfg) + indexer_bytes_per_token_layer(cfg))
+    idx = indexer_bytes_per_token_layer(cfg) if include_indexer else 0
+    return cfg.n_layers * (kv_bytes_per_token_layer(cfg) + idx)
 
 
 def mean_causal_keys(seq_len: int, topk: int | None = None) -> float:
@@ -721,10 +716,10 @@ def project(chip: ChipConfig, cfg: Any) -> dict[str, Any]:
 
     Training: per token time = max(compute, weight traffic, MoE all-to-all); weights are
     read 3x per pass of ``train_microbatch_tokens``; activations and optimizer traffic
-    are not counted. Decode at each context: ``decode_batch`` sequences per device (fewer
-    if their KV does not fit, see ProjectionConfig) on the fewest devices that hold
-    weights + KV; a step reads the resident weights touched by
-    the batch's experts plus each sequence's KV (top-k entries + indexer keys when sparse)
+    are not counted. Decode: one deployment of ``devices_needed`` devices, the fewest that
+    hold weights + KV of ``decode_batch`` sequences per device at every context (fewer
+    sequences where their KV does not fit, see ProjectionConfig); a step reads the resident
+    weights touched by the batch's experts plus each sequence's KV (top-k entries + indexer keys when sparse)
     and sends MoE dispatch/combine to other devices. An Engram table in host memory is
     read over ``host_link_gbps`` (its lookups can be prefetched, so it is a separate bound).
     """
@@ -761,9 +756,8 @@ def project(chip: ChipConfig, cfg: Any) -> dict[str, Any]:
     out.update(train_flops_per_token=f_train, train_tokens_per_s=1 / sec, bound_train=bound,
                devices_needed_train=math.ceil(p["total"] * pj.train_bytes_per_param / mem))
 
-    # -- prefill and decode per context ---------------------------------------------------
-    devices_weights = math.ceil(weights / mem)
-    out["devices_needed_weights"] = devices_weights
+    # -- prefill per context -------------------------------------------------------------
+    out["devices_needed_weights"] = math.ceil(weights / mem)
     for L in pj.contexts:
         f_pre = prefill_flops_per_token(cfg, L)
         tp = {"compute": f_pre / (peak * pj.train_mfu),
@@ -772,19 +766,25 @@ def project(chip: ChipConfig, cfg: Any) -> dict[str, Any]:
         out[f"prefill_tokens_per_s@{L}"] = 1 / sec
         out[f"bound_prefill@{L}"] = bound
 
-        # b sequences per device; if their KV would take more than kv_memory_share of the
-        # device, fewer (possibly a fraction: one sequence's KV spread over devices)
+    # -- decode: fewest devices that fit at each context; one deployment for all -------
+    # b sequences per device; if their KV would take more than kv_memory_share of the
+    # device, fewer (possibly a fraction: one sequence's KV spread over devices)
+    for L in pj.contexts:
+        b = min(float(pj.decode_batch), pj.kv_memory_share * mem / (L * kv_tok))
+        out[f"devices_needed@{L}"] = max(1, math.ceil(weights / (mem - b * L * kv_tok)))
+    n = max(out[f"devices_needed@{L}"] for L in pj.contexts)
+    out["devices_needed"] = n
+    out["decode_devices"] = n
+    a = cfg.attention
+    for L in pj.contexts:
         kv_seq = L * kv_tok
-        b = min(float(pj.decode_batch), pj.kv_memory_share * mem / kv_seq)
-        n = max(1, math.ceil(weights / (mem - b * kv_seq)))
+        b = min(float(pj.decode_batch), (mem - weights / n) / kv_seq)
         out[f"decode_batch@{L}"] = b
-        out[f"devices_needed@{L}"] = n
         out[f"mem_per_device_gb@{L}"] = (weights / n + b * kv_seq) / 1e9
         # weights read per step: everything resident, except routed experts nobody chose
         tokens_step = b * n
         touched = 1.0 - (1.0 - m.top_k / m.n_routed_experts) ** tokens_step if n_moe else 1.0
         w_read = (weights - routed * (1.0 - touched)) / n
-        a = cfg.attention
         keys = min(a.sparse.topk, L) if a.kind == "mla" and a.sparse.enabled else L
         kv_read = cfg.n_layers * (keys * kv_bytes_per_token_layer(cfg)
                                   + L * indexer_bytes_per_token_layer(cfg))
@@ -863,17 +863,22 @@ def chip_metrics(chip: ChipConfig, model_cfg: Any, presets: dict[str, Any] | Non
     return out
 
 
-def cross_check_model(model: Any) -> dict[str, tuple[int, int]]:
+def cross_check_model(model: Any, include_indexer: bool = True) -> dict[str, tuple[int, int]]:
     """Analytic vs measured counts of a built Transformer: {name: (analytic, measured)}
-    for total params, active params and KV bytes per token (from real caches). The lead
-    points a test at this once MLA / MoE / Engram are merged (MHA is tested here)."""
+    for total params, active params and KV bytes per token (from real caches, which
+    after a short decode hold real fp8/int8 tensors). The lead points a test at this once
+    MLA / MoE / Engram are merged (MHA is tested here); ``include_indexer``: whether the
+    MLA cache's bytes_per_token counts the sparse indexer's key cache."""
     cfg = model.cfg
     p = param_counts(cfg)
     caches = model.new_caches(1, 8)
+    with torch.no_grad():
+        model.forward_cached(torch.zeros(1, 2, dtype=torch.long), caches, 0)
     measured_kv = model.kv_bytes_per_token(caches)
     return {"params_total": (p["total"], model.num_params()),
             "params_active": (p["active"], model.num_active_params()),
-            "kv_bytes_per_token": (kv_bytes_per_token(cfg), measured_kv)}
+            "kv_bytes_per_token": (kv_bytes_per_token(cfg, include_indexer), measured_kv)}
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -927,9 +932,9 @@ def projection_table(chip: ChipConfig, model_cfg: Any, scales: list[str]) -> Any
                + (f"Rests on marked figures: {', '.join(marks)}" if marks
                   else "No marked figures."))
     table = Table(title=escape(title), caption=escape(caption))
-    cols = ["scale", "params tot/act", "KV B/tok", "train tok/s/dev (bound)"]
+    cols = ["scale", "params tot/act", "KV B/tok", "train tok/s/dev (bound)", "devices"]
     for L in pj.contexts:
-        cols += [f"decode tok/s/dev @{L} (bound)", f"mem/dev GB @{L}", f"devices @{L}"]
+        cols += [f"decode tok/s/dev @{L} (bound, seqs/dev)", f"mem/dev GB @{L}"]
     for c in cols:
         table.add_column(c, justify="right" if c != "scale" else "left")
     targets = [("run", model_cfg)]
@@ -943,11 +948,11 @@ def projection_table(chip: ChipConfig, model_cfg: Any, scales: list[str]) -> Any
         r = project(chip, cfg)
         row = [name, f"{_fmt(r['params_total'])}/{_fmt(r['params_active'])}",
                _fmt(r["kv_bytes_per_token"]),
-               f"{_fmt(r['train_tokens_per_s'])} ({r['bound_train']})"]
+               f"{_fmt(r['train_tokens_per_s'])} ({r['bound_train']})",
+               _fmt(r["devices_needed"])]
         for L in pj.contexts:
             row += [f"{_fmt(r[f'decode_tokens_per_s@{L}'])} ({r[f'bound_decode@{L}']}, "
-                    f"b={r[f'decode_batch@{L}']:.3g})",
-                    _fmt(r[f"mem_per_device_gb@{L}"]), _fmt(r[f"devices_needed@{L}"])]
+                    f"{r[f'decode_batch@{L}']:.3g})", _fmt(r[f"mem_per_device_gb@{L}"])]
         table.add_row(*row)
     return table
 
@@ -989,7 +994,10 @@ def main(argv: list[str] | None = None) -> int:
             if name not in available_chips():
                 raise ConfigError(f"chip={name!r} is not allowed: one of "
                                   f"{', '.join(available_chips())}")
-        cfg = compose(argv)
+        try:
+            cfg = compose(argv)
+        except Exception as e:  # Hydra: unknown experiment / override, with its own message
+            raise ConfigError(f"could not compose the config: {e}") from e
         chip = chip_from_cfg(cfg.chip)
         model_cfg = model_config_from_dict(cfg.model)
         run_cfg, matmul, notes = apply_numerics(chip, model_cfg)
