@@ -720,8 +720,8 @@ def project(chip: ChipConfig, cfg: Any) -> dict[str, Any]:
     hold weights + KV of ``decode_batch`` sequences per device at every context (fewer
     sequences where their KV does not fit, see ProjectionConfig); a step reads the resident
     weights touched by the batch's experts plus each sequence's KV (top-k entries + indexer
-    keys when sparse) and sends MoE dispatch/combine to other devices. An Engram table in host memory is
-    read over ``host_link_gbps`` (its lookups can be prefetched, so it is a separate bound).
+    keys when sparse) and sends MoE dispatch/combine to other devices. An Engram table in
+    host memory is read over ``host_link_gbps`` (lookups can be prefetched: its own bound).
     """
     pj = chip.projection
     peak = chip.peak_flops()
