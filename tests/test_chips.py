@@ -144,6 +144,11 @@ def test_chip_schema_is_an_omegaconf_structured_config():
     merged = OmegaConf.merge(OmegaConf.structured(chips.ChipConfig), _raw("ascend_910c"))
     chip = OmegaConf.to_object(merged).validate()
     assert chip.peak_tflops["bf16"].value == 752
+    host = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(chips.ChipConfig),
+                                               _raw("cpu_host")))
+    with pytest.raises(ConfigError, match="missing"):
+        copy.deepcopy(host).validate()  # figures come from the measurement
+    assert host.ready().peak_tflops["fp32"].value == FAKE_HOST["fp32_tflops"]
 
 
 # ---- cpu_host measurement ---------------------------------------------------------------

@@ -207,9 +207,14 @@ class ChipConfig:
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {e}") from e
         assert isinstance(chip, ChipConfig)
-        if chip.measured:
-            chip.fill_measured()
-        return chip.validate(path)
+        return chip.ready(path)
+
+    def ready(self, path: str = "chip") -> ChipConfig:
+        """Fill measured figures (``measured: true``) and validate; for a ChipConfig that
+        came out of a structured merge (e.g. a ``chip`` field of the run config)."""
+        if self.measured:
+            self.fill_measured()
+        return self.validate(path)
 
     def fill_measured(self, peaks: dict[str, float] | None = None) -> None:
         """Fill peak / memory figures of a ``measured: true`` profile from this host."""
