@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from v4lab.chips import ChipConfig
 from v4lab.model import ModelConfig
 from v4lab.modules.args import ConfigError, require, require_choice, require_positive
 
@@ -117,6 +118,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    chip: ChipConfig = field(default_factory=ChipConfig)
 
     def validate(self) -> RunConfig:
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
@@ -125,6 +127,7 @@ class RunConfig:
         self.data.validate("data")
         self.trainer.validate("trainer")
         self.logger.validate("logger")
+        self.chip.ready("chip")
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
         require(self.model.vocab_size == self.data.vocab_size, "model.vocab_size",

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from v4lab import tracking
+from v4lab import chips, tracking
 from v4lab.config import RunConfig, load_run_config
 from v4lab.data.datamodule import CorpusDataModule
 from v4lab.data.prepare import prepare, token_byte_lengths
@@ -104,14 +104,10 @@ class PlainProgress(Callback):
                   f"val/bpb {float(m['val/bpb']):.4f}", flush=True)
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto': bf16-mixed on a GPU that supports bf16, 16-mixed on other GPUs, fp32 on CPU
-    (this machine's bf16 matmuls measured no faster than fp32; see the README)."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+def resolve_precision(precision: str, matmul_dtype: str) -> str:
+    """'auto' runs the target chip's matmul dtype (``chip.matmul_dtype``: fp32 for this
+    CPU host, bf16 for the accelerators; fp8/int8 products are emulated in bf16)."""
+    return chips.training_precision(matmul_dtype) if precision == "auto" else precision
 
 
 def git_rev() -> str:
@@ -131,8 +127,10 @@ def config_hash(config_dict: dict) -> str:
 
 
 def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
-    """Parameter counts, KV bytes per token from a real cache, and training FLOPs per token
-    counted by torch's FlopCounterMode on one forward + backward of one sequence."""
+    """Parameter counts, KV bytes per token from a real cache, and training FLOPs per token:
+    analytic (the roofline model's count, causal attention) and, as a cross-check, counted
+    by torch's FlopCounterMode on one forward + backward of one sequence (which prices
+    causal attention as full)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = lit.model
@@ -152,7 +150,8 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
         "cost/params_total": float(model.num_params()),
         "cost/params_active": float(model.num_active_params()),
         "cost/kv_bytes_per_token": float(kv_bytes),
-        "cost/train_flops_per_token": counter.get_total_flops() / seq_len,
+        "cost/train_flops_per_token": chips.train_flops_per_token(model.cfg, seq_len),
+        "cost/train_flops_per_token_counted": counter.get_total_flops() / seq_len,
     }
 
 
@@ -187,7 +186,13 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     token_bytes = torch.from_numpy(token_byte_lengths(tokenizer))
     dm = CorpusDataModule(folder, t.seq_len, t.batch_size, t.max_steps, run_cfg.seed,
                           t.val_batches, t.test_batches)
-    lit = LitLM(run_cfg.model, t, token_bytes)
+    # The target chip decides the numerics: KV-cache dtype (or its fallback) and matmul dtype.
+    model_cfg, matmul_dtype, notes = chips.apply_numerics(run_cfg.chip, run_cfg.model)
+    for note in notes:
+        log.warning(note)
+    chip_figures = chips.chip_metrics(run_cfg.chip, run_cfg.model,
+                                      presets={"v3_671b": chips.load_model_preset("v3_671b")})
+    lit = LitLM(model_cfg, t, token_bytes)
     costs = measure_costs(lit, t.seq_len)
 
     throughput = Throughput(t.batch_size * t.seq_len)
@@ -203,7 +208,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     try:
         trainer = L.Trainer(
             max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
-            precision=resolve_precision(t.precision), gradient_clip_val=t.grad_clip or None,
+            precision=resolve_precision(t.precision, matmul_dtype), gradient_clip_val=t.grad_clip or None,
             val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None,
             num_sanity_val_steps=0, logger=logger if logger is not None else False,
             callbacks=callbacks, enable_progress_bar=interactive, enable_model_summary=False,
@@ -230,6 +235,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
             **costs,
             "speed/train_tokens_per_s": throughput.tokens_per_s,
             "time/train_s": train_seconds,
+            **chip_figures,
         }
         for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
             metrics.setdefault(key, float(value))
