@@ -58,8 +58,10 @@ class LightningIndexer(nn.Module):
         return q, w
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        logits = torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)) * self.head_dim ** -0.5
-        return torch.einsum("bths,bth->bts", logits.relu(), w)
+        b, t, h, d = q.shape
+        qk = torch.matmul(q.reshape(b, t * h, d) * d ** -0.5, k.to(q.dtype).transpose(1, 2))
+        qk = qk.relu_().view(b, t, h, -1)  # [B, T, H_I, S]
+        return torch.matmul(w.unsqueeze(-2), qk).squeeze(-2)
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
