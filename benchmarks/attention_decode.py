@@ -106,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--kv", nargs="+", default=["fp8", "bf16"], help="cache formats to time")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/attention_decode.md"))
     args = ap.parse_args()
@@ -113,13 +114,6 @@ def main() -> None:
     torch.manual_seed(0)
 
     dim, cfg = small_attention()
-    sparse_cfg = copy.deepcopy(cfg)
-    sparse_cfg.sparse.enabled = True
-    dense_cfg = copy.deepcopy(cfg)
-    dense_cfg.sparse.enabled = False
-    sparse_mod = MultiHeadLatentAttention(dim, sparse_cfg, 10000.0, 1e-6).eval()
-    dense_mod = MultiHeadLatentAttention(dim, dense_cfg, 10000.0, 1e-6).eval()
-    dense_mod.load_state_dict(sparse_mod.state_dict(), strict=False)
 
     lines = [
         "# Attention decode: dense vs sparse MLA, KV bytes per token",
@@ -130,26 +124,44 @@ def main() -> None:
         "",
         f"One MLA layer, `small` size: dim={dim}, heads={cfg.n_heads}, kv_lora_rank="
         f"{cfg.kv_lora_rank}, rope dim={cfg.qk_rope_head_dim}, vvpa={cfg.vvpa}, "
-        f"kv={cfg.kv_cache.dtype}; sparse top-k={cfg.sparse.topk}, indexer "
+        f"default kv={cfg.kv_cache.dtype}; sparse top-k={cfg.sparse.topk}, indexer "
         f"{cfg.sparse.index_n_heads} heads x {cfg.sparse.index_head_dim}.",
         "",
-        "| context | dense ms/token | sparse ms/token | measured speed-up | "
+        "| cache | context | dense ms/token | sparse ms/token | measured speed-up | "
         "FLOP ratio (theoretical) | measured / theoretical |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    results = []
-    for ctx_len in args.contexts:
-        d = time_decode(dense_mod, dim, ctx_len, args.reps)
-        s = time_decode(sparse_mod, dim, ctx_len, args.reps)
-        theory = flops(dim, cfg, ctx_len, False) / flops(dim, cfg, ctx_len, True)
-        results.append((ctx_len, d, s, d / s, theory))
-        lines.append(f"| {ctx_len} | {d:.3f} | {s:.3f} | {d / s:.2f}x | {theory:.2f}x | "
-                     f"{d / s / theory:.2f} |")
-        print(lines[-1], flush=True)
-    last = results[-1]
-    ok = last[3] >= 0.5 * last[4]
-    lines += ["", f"At {last[0]} tokens the sparse path reaches {last[3] / last[4]:.0%} of its "
-              f"theoretical speed-up (requirement: >= 50%): **{'pass' if ok else 'FAIL'}**.", ""]
+    ok = True
+    summary = []
+    for kv in args.kv:
+        sparse_cfg, dense_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
+        sparse_cfg.kv_cache.dtype = dense_cfg.kv_cache.dtype = kv
+        sparse_cfg.sparse.enabled, dense_cfg.sparse.enabled = True, False
+        torch.manual_seed(0)
+        sparse_mod = MultiHeadLatentAttention(dim, sparse_cfg, 10000.0, 1e-6).eval()
+        dense_mod = MultiHeadLatentAttention(dim, dense_cfg, 10000.0, 1e-6).eval()
+        dense_mod.load_state_dict(sparse_mod.state_dict(), strict=False)
+        results = []
+        for ctx_len in args.contexts:
+            d = time_decode(dense_mod, dim, ctx_len, args.reps)
+            s = time_decode(sparse_mod, dim, ctx_len, args.reps)
+            theory = flops(dim, cfg, ctx_len, False) / flops(dim, cfg, ctx_len, True)
+            results.append((ctx_len, d, s, d / s, theory))
+            lines.append(f"| {kv} | {ctx_len} | {d:.3f} | {s:.3f} | {d / s:.2f}x | "
+                         f"{theory:.2f}x | {d / s / theory:.2f} |")
+            print(lines[-1], flush=True)
+        last = results[-1]
+        passed = last[3] >= 0.5 * last[4]
+        ok &= passed
+        summary.append(f"- {kv} cache: at {last[0]} tokens the sparse path reaches "
+                       f"{last[3] / last[4]:.0%} of its theoretical speed-up "
+                       f"(requirement >= 50%): **{'pass' if passed else 'FAIL'}**.")
+    lines += ["", *summary, "",
+              "The FLOP ratio counts multiply-adds only. The dense path also converts every "
+              "cached entry to fp32 for each token (fp8/bf16 -> fp32, times the block scales), "
+              "which FLOPs do not see; the sparse path converts only its k gathered entries and "
+              "the indexer keys. At short contexts the fixed per-call overhead of the sparse "
+              "path (indexer, top-k, gather: ~20 small ops) dominates.", ""]
 
     lines += ["## KV cache bytes per token and layer", "",
               "Measured = bytes of the stored cache tensors per token "

@@ -85,3 +85,12 @@ def test_zero_block_and_bad_width():
     assert torch.equal(dequantize(q, s), torch.zeros(1, 128))
     with pytest.raises(ValueError, match="multiple of block size 128"):
         quantize(torch.zeros(1, 100), "fp8")
+
+
+def test_e4m3_table_conversion_is_bit_exact():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ones = torch.ones(2, dtype=torch.float32)
+    got = dequantize(codes.view(2, 128), ones.view(2, 1))
+    want = codes.float().view(2, 128)
+    finite = torch.isfinite(want)
+    assert torch.equal(got[finite], want[finite]) and torch.isnan(got[~finite]).all()

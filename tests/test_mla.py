@@ -315,11 +315,13 @@ def test_indexer_kl_value_in_both_phases():
 # ---- whole model: token-by-token decoding == full forward ------------------------------
 COMBOS = [("mha", False, False, kv) for kv in ("fp32", "bf16")] + [
     ("mla", sp, vv, kv) for sp, vv, kv in
-    itertools.product([False, True], [False, True], ["fp32", "bf16", "fp8", "int8"])]
+    itertools.product([False, True], [False, True], ["fp32", "bf16", "fp8", "int8"])] + [
+    ("mla", True, True, "fp8-ue8m0"), ("mla", True, False, "int8-ue8m0")]
 
 
 def tiny_model(kind: str, sparse: bool, vvpa: bool, kv: str, seed: int = 0) -> Transformer:
-    att = attn_cfg(sparse=sparse, vvpa=vvpa, kv=kv, topk=4)
+    kv, _, scale_format = kv.partition("-")
+    att = attn_cfg(sparse=sparse, vvpa=vvpa, kv=kv, topk=4, scale_format=scale_format or "fp32")
     att.kind, att.head_dim = kind, 24
     cfg = ModelConfig(vocab_size=97, dim=DIM, n_layers=2, ffn_dim=64, max_seq_len=64,
                       init_std=0.2, attention=att)
@@ -340,6 +342,8 @@ def test_token_by_token_decoding_matches_full_forward(kind, sparse, vvpa, kv):
     # a batched and a one-row matmul round a value to different sides of a rounding
     # boundary of the storage format (rare; moves a logit by ~1e-4).
     tol = 5e-5 if kv == "fp32" else 1e-3
+    if "ue8m0" in kv:
+        assert caches[0]["attn"].scale.dtype == torch.float8_e8m0fnu
     assert full.abs().max() > 1
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=tol, rtol=tol)
     out = m.generate(ids[:, :5], 4)
@@ -350,19 +354,22 @@ def test_token_by_token_decoding_matches_full_forward(kind, sparse, vvpa, kv):
 
 
 def test_model_kv_bytes_per_token_from_stored_tensors():
-    for kind, sparse, vvpa, kv in COMBOS:
-        m = tiny_model(kind, sparse, vvpa, kv)
+    for kind, sparse, vvpa, kv_name in COMBOS:
+        m = tiny_model(kind, sparse, vvpa, kv_name)
+        kv, _, scale_format = kv_name.partition("-")
         caches = m.new_caches(1, 4)
         if kind == "mha":
             want = 2 * 2 * 24 * {"fp32": 4, "bf16": 2}[kv]
         else:
-            latent = {"fp32": 4 * 128, "bf16": 2 * 128, "fp8": 128 + 4, "int8": 128 + 4}[kv]
+            scale_bytes = 1 if scale_format == "ue8m0" else 4
+            latent = {"fp32": 4 * 128, "bf16": 2 * 128, "fp8": 128 + scale_bytes,
+                      "int8": 128 + scale_bytes}[kv]
             rope_bytes = 4 if kv == "fp32" else 2
             want = latent + rope_bytes * 8 + (rope_bytes * 8 if sparse else 0)
             att = caches[0]["attn"]
             assert att.kv.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16,
                                     "fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv]
-        assert m.kv_bytes_per_token(caches) == 2 * want, (kind, sparse, vvpa, kv)
+        assert m.kv_bytes_per_token(caches) == 2 * want, (kind, sparse, vvpa, kv_name)
 
 
 def test_cache_stores_real_float8_after_decoding():

@@ -49,10 +49,27 @@ def quantize(x: torch.Tensor, fmt: str, block: int = 128,
     return q, scale.to(SCALE_DTYPES[scale_format])
 
 
+_E4M3_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> fp32 through a 256-entry table (bit-identical to ``q.float()``,
+    several times faster on CPU, where the direct conversion is not vectorised)."""
+    if q.device.type != "cpu":
+        return q.float()
+    table = _E4M3_TABLES.get(q.device)
+    if table is None:
+        table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        _E4M3_TABLES[q.device] = table
+    codes = q.contiguous().view(torch.uint8).flatten().int()
+    return table.index_select(0, codes).view(q.shape)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`quantize`: q [..., D], scale [..., D / block] -> [..., D] in ``dtype``."""
-    blocks = q.float().unflatten(-1, (scale.shape[-1], -1))
+    qf = _e4m3_to_float(q) if q.dtype == torch.float8_e4m3fn else q.float()
+    blocks = qf.unflatten(-1, (scale.shape[-1], -1))
     return (blocks * scale.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 

@@ -284,21 +284,27 @@ class MultiHeadLatentAttention(nn.Module):
         if index is not None and self.sparse.topk < end:
             idx_q, idx_w, _ = index
             scores = self.indexer.scores(idx_q, idx_w, cache.index_keys(end))  # [B, T, end]
-            causal = torch.arange(end, device=q_nope.device)[None, :] <= q_pos[:, None]
-            sel = topk_indices(scores.masked_fill(~causal, float("-inf")), self.sparse.topk)
-            valid = sel <= q_pos[None, :, None]  # [B, T, k]
+            if t > 1:  # one new token sees every cached entry: no mask needed
+                causal = torch.arange(end, device=q_nope.device)[None, :] <= q_pos[:, None]
+                scores = scores.masked_fill(~causal, float("-inf"))
+            sel = topk_indices(scores, self.sparse.topk)  # [B, T, k]
             kv, kr = cache.gather(sel, dtype)  # [B, T, k, r], [B, T, k, dr]
             logits = (torch.einsum("bthr,btkr->bthk", q_lat, kv)
                       + torch.einsum("bthd,btkd->bthk", q_rope, kr)) * self.scale
-            p = logits.masked_fill(~valid[:, :, None, :], float("-inf")).softmax(-1)
+            if t > 1:
+                valid = sel <= q_pos[None, :, None]  # [B, T, k]
+                logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+            p = logits.softmax(-1)
             o_lat = torch.einsum("bthk,btkr->bthr", p, kv)
             o_rope = torch.einsum("bthk,btkd->bthd", p, kr) if self.vvpa else None
         else:
             kv, kr = cache.latent(end, dtype)  # [B, S, r], [B, S, dr]
             logits = (torch.einsum("bthr,bsr->bths", q_lat, kv)
                       + torch.einsum("bthd,bsd->bths", q_rope, kr)) * self.scale
-            causal = torch.arange(end, device=q_nope.device)[None, :] <= q_pos[:, None]
-            p = logits.masked_fill(~causal[None, :, None, :], float("-inf")).softmax(-1)
+            if t > 1:
+                causal = torch.arange(end, device=q_nope.device)[None, :] <= q_pos[:, None]
+                logits = logits.masked_fill(~causal[None, :, None, :], float("-inf"))
+            p = logits.softmax(-1)
             o_lat = torch.einsum("bths,bsr->bthr", p, kv)
             o_rope = torch.einsum("bths,bsd->bthd", p, kr) if self.vvpa else None
         o = torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # [B, T, H, dv]
