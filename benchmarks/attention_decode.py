@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import time
@@ -120,7 +121,8 @@ def main() -> None:
         "",
         f"Written by `benchmarks/attention_decode.py` (torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s), "
-        f"median of {args.reps} tokens).",
+        f"median of {args.reps} tokens, load average {os.getloadavg()[0]:.1f} at the start "
+        f"on {os.cpu_count()} cores: timings on a shared machine are noisy).",
         "",
         f"One MLA layer, `small` size: dim={dim}, heads={cfg.n_heads}, kv_lora_rank="
         f"{cfg.kv_lora_rank}, rope dim={cfg.qk_rope_head_dim}, vvpa={cfg.vvpa}, "

@@ -186,10 +186,10 @@ def test_vvpa_value_carries_relative_position():
 
 
 # ---- decode paths -----------------------------------------------------------------------
-@pytest.mark.parametrize("vvpa,sparse", [(False, False), (True, False), (False, True),
-                                         (True, True)])
-def test_absorbed_decode_matches_training_path(vvpa, sparse):
-    m = make_mla(attn_cfg(vvpa=vvpa, sparse=sparse, topk=3))
+@pytest.mark.parametrize("vvpa,sparse,q_lora_rank", [
+    (False, False, 24), (True, False, 24), (False, True, 24), (True, True, 24), (True, True, 0)])
+def test_absorbed_decode_matches_training_path(vvpa, sparse, q_lora_rank):
+    m = make_mla(attn_cfg(vvpa=vvpa, sparse=sparse, topk=3, q_lora_rank=q_lora_rank))
     x = torch.randn(2, 10, DIM)
     with torch.no_grad():
         train = m(x, ctx_for(10))

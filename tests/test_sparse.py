@@ -17,6 +17,12 @@ def test_select_topk_ties_go_to_lower_index_and_count_is_exact():
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(-2, 3, (3, 7, 11), generator=g).float()  # many ties
     scores[0, 0, 5:] = float("-inf")  # fewer finite scores than k in one row
+    distinct = torch.randn(3, 7, 11, generator=g)  # no ties: the topk fast path
+    for k in (1, 4, 10):
+        for b in range(3):
+            for t in range(7):
+                want = naive_select(distinct[b, t].tolist(), k)
+                assert set(topk_indices(distinct, k)[b, t].tolist()) == want
     for k in (1, 4, 11, 20):
         mask = select_topk(scores, k)
         assert torch.equal(mask.sum(-1), torch.full((3, 7), min(k, 11)))

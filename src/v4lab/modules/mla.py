@@ -35,7 +35,7 @@ from torch import nn
 from v4lab.modules.args import AttentionConfig, KVCacheConfig
 from v4lab.modules.attention import round_through
 from v4lab.modules.context import ForwardContext
-from v4lab.modules.kv_quant import STORE_DTYPES, dequantize, fake_quant, quantize
+from v4lab.modules.kv_quant import SCALE_DTYPES, STORE_DTYPES, dequantize, fake_quant, quantize
 from v4lab.modules.norm import RMSNorm
 from v4lab.modules.rope import apply_rope
 from v4lab.modules.sparse import (
@@ -73,8 +73,6 @@ class MLACache:
         self.kv = torch.zeros(batch, max_len, kv_lora_rank, dtype=kv_dtype, device=device)
         self.scale = None
         if self.quantized:
-            from v4lab.modules.kv_quant import SCALE_DTYPES
-
             self.scale = torch.ones(batch, max_len, kv_lora_rank // cfg.block_size,
                                     device=device).to(SCALE_DTYPES[cfg.scale_format])
         rdt = rope_store_dtype(cfg.dtype)

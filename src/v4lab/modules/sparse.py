@@ -77,10 +77,17 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [..., min(k, S)] (ascending) of :func:`select_topk`'s selection."""
-    mask = select_topk(scores, k)
-    k = min(k, scores.shape[-1])
-    return mask.nonzero()[:, -1].view(*scores.shape[:-1], k)
+    """Indices [..., min(k, S)] of :func:`select_topk`'s selection (in no fixed order).
+
+    Fast path: when no tie straddles the k-th place (the k-th and (k+1)-th largest
+    differ in every row) the top-k set is unique and ``topk`` alone gives it."""
+    s = scores.shape[-1]
+    if k < s:
+        vals, idx = scores.topk(k + 1, dim=-1)
+        if bool((vals[..., k - 1] != vals[..., k]).all()):
+            return idx[..., :k]
+    k = min(k, s)
+    return select_topk(scores, k).nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
 def head_summed_distribution(probs: torch.Tensor) -> torch.Tensor:
