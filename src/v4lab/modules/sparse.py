@@ -1,0 +1,127 @@
+"""Token-level sparse attention (DeepSeek Sparse Attention style): the lightning indexer,
+causal top-k selection, the indexer's KL loss and its recall.
+
+The indexer scores every earlier token s for each query t with a few cheap heads j:
+
+    I(t, s) = sum_j w(t, j) * ReLU(qI(t, j) . kI(s) / sqrt(d_I))
+
+queries qI from the query latent, one key head kI shared by all indexer heads (LayerNorm,
+then RoPE on its first ``index_rope_dim`` dims), per-head weights w from the hidden state
+(scaled by 1/sqrt(n_heads)). Each query keeps its top-k tokens. Ties (the ReLU makes
+exact zeros common) are broken towards the lower index by :func:`select_topk`, so the
+same scores always give the same selection, whatever the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v4lab.modules.args import SparseConfig
+from v4lab.modules.context import ForwardContext
+from v4lab.modules.rope import apply_rope
+
+
+class LightningIndexer(nn.Module):
+    """Scores I(t, s) of keys s for queries t.
+
+    x: [B, T, dim] hidden state; qr: [B, T, q_dim] query latent (or x when queries are
+    full rank). ``keys`` -> [B, T, d_I]; ``queries`` -> (q [B, T, H_I, d_I], w [B, T, H_I]);
+    ``scores(q, w, k [B, S, d_I])`` -> [B, T, S].
+    """
+
+    def __init__(self, dim: int, q_dim: int, cfg: SparseConfig, rope_theta: float) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.rope_theta = cfg.index_rope_dim, rope_theta
+        self.wq = nn.Linear(q_dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.weights_proj = nn.Linear(dim, self.n_heads, bias=False)
+
+    def _rope(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.rope_dim == 0:
+            return x
+        cos, sin = ctx.rope(self.rope_dim, self.rope_theta)
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim:]
+        return torch.cat([apply_rope(rot, cos, sin), rest], -1)
+
+    def keys(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self._rope(self.k_norm(self.wk(x)), ctx)
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self._rope(self.wq(qr).view(b, t, self.n_heads, self.head_dim), ctx)
+        w = self.weights_proj(x) * self.n_heads ** -0.5
+        return q, w
+
+    def scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        b, t, h, d = q.shape
+        qk = torch.matmul(q.reshape(b, t * h, d) * d ** -0.5, k.to(q.dtype).transpose(1, 2))
+        qk = qk.relu_().view(b, t, h, -1)  # [B, T, H_I, S]
+        return torch.matmul(w.unsqueeze(-2), qk).squeeze(-2)
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask [..., S] with exactly ``min(k, S)`` True per row: the largest scores,
+    ties at the k-th value taken in index order (deterministic). Masked entries should be
+    -inf; they are picked only when a row has fewer than k finite scores."""
+    k = min(k, scores.shape[-1])
+    thr = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > thr
+    tied = scores == thr
+    need = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= need))
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., min(k, S)] of :func:`select_topk`'s selection (in no fixed order).
+
+    Fast path: when no tie straddles the k-th place (the k-th and (k+1)-th largest
+    differ in every row) the top-k set is unique and ``topk`` alone gives it."""
+    s = scores.shape[-1]
+    if k < s:
+        vals, idx = scores.topk(k + 1, dim=-1)
+        if bool((vals[..., k - 1] != vals[..., k]).all()):
+            return idx[..., :k]
+    k = min(k, s)
+    return select_topk(scores, k).nonzero()[:, -1].view(*scores.shape[:-1], k)
+
+
+def head_summed_distribution(probs: torch.Tensor) -> torch.Tensor:
+    """Main attention probs [B, H, T, S] -> summed over heads, L1-normalised [B, T, S]."""
+    p = probs.sum(1)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def indexer_kl(target: torch.Tensor, index_scores: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(target || softmax(I)) restricted to ``mask``.
+
+    target: [B, T, S] distribution over the masked keys (zero elsewhere, detached);
+    index_scores: [B, T, S]; mask: [B, T, S] or [T, S] bool (keys each query may use).
+    """
+    log_q = F.log_softmax(index_scores.masked_fill(~mask, float("-inf")), dim=-1)
+    log_q = log_q.masked_fill(~mask, 0.0)
+    kl = torch.xlogy(target, target) - target * log_q
+    return kl.sum(-1).mean()
+
+
+@torch.no_grad()
+def recall(main_probs: torch.Tensor, selected: torch.Tensor, causal: torch.Tensor,
+           topk: int) -> float:
+    """Fraction of the main attention's own top-k keys (per query) the indexer selected.
+
+    main_probs: [B, T, S] dense head-summed main attention; selected: [B, T, S] bool
+    indexer selection; causal: [T, S] bool. Counts only queries that see more than
+    ``topk`` keys (for the others every key is selected); 1.0 when there are none.
+    """
+    visible = causal.sum(-1)  # [T]
+    rows = visible > topk
+    if not bool(rows.any()):
+        return 1.0
+    main_sel = select_topk(main_probs.masked_fill(~causal, float("-inf")), topk) & causal
+    hit = (main_sel & selected).sum(-1).float()  # [B, T]
+    return float((hit[:, rows] / topk).mean())

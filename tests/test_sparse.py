@@ -1,0 +1,79 @@
+"""Top-k selection, the indexer KL and recall against naive computations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from v4lab.modules.sparse import indexer_kl, recall, select_topk, topk_indices
+
+
+def naive_select(row: list[float], k: int) -> set[int]:
+    return set(sorted(range(len(row)), key=lambda s: (-row[s], s))[:k])
+
+
+def test_select_topk_ties_go_to_lower_index_and_count_is_exact():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-2, 3, (3, 7, 11), generator=g).float()  # many ties
+    scores[0, 0, 5:] = float("-inf")  # fewer finite scores than k in one row
+    distinct = torch.randn(3, 7, 11, generator=g)  # no ties: the topk fast path
+    for k in (1, 4, 10):
+        for b in range(3):
+            for t in range(7):
+                want = naive_select(distinct[b, t].tolist(), k)
+                assert set(topk_indices(distinct, k)[b, t].tolist()) == want
+    for k in (1, 4, 11, 20):
+        mask = select_topk(scores, k)
+        assert torch.equal(mask.sum(-1), torch.full((3, 7), min(k, 11)))
+        idx = topk_indices(scores, k)
+        for b in range(3):
+            for t in range(7):
+                want = naive_select(scores[b, t].tolist(), k)
+                assert set(torch.nonzero(mask[b, t]).flatten().tolist()) == want
+                assert set(idx[b, t].tolist()) == want
+
+
+def test_selection_does_not_depend_on_row_length():
+    """The decode path sees a row of length t+1, training a row of length T with -inf after t."""
+    row = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0, 0.0])
+    padded = torch.cat([row, torch.full((4,), float("-inf"))])
+    assert torch.equal(select_topk(row, 4), select_topk(padded, 4)[:6])
+
+
+def test_indexer_kl_matches_naive():
+    g = torch.Generator().manual_seed(1)
+    t = 5
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = causal & (torch.rand(2, t, t, generator=g) > 0.3)
+    mask[:, torch.arange(t), torch.arange(t)] = True
+    p = torch.rand(2, t, t, generator=g) * mask
+    p = p / p.sum(-1, keepdim=True)
+    scores = torch.randn(2, t, t, generator=g)
+    kls = []
+    for b in range(2):
+        for i in range(t):
+            keys = [s for s in range(t) if mask[b, i, s]]
+            z = sum(math.exp(scores[b, i, s]) for s in keys)
+            kls.append(sum(float(p[b, i, s])
+                           * math.log(float(p[b, i, s]) / (math.exp(scores[b, i, s]) / z))
+                           for s in keys if p[b, i, s] > 0))
+    assert math.isclose(float(indexer_kl(p, scores, mask)), sum(kls) / len(kls), rel_tol=1e-5)
+    assert float(indexer_kl(p, torch.log(p + 1e-30), mask)) < 1e-4
+
+
+def test_recall_matches_naive():
+    g = torch.Generator().manual_seed(2)
+    t, k = 8, 3
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    probs = torch.rand(1, t, t, generator=g) * causal
+    noise = torch.randn(1, t, t, generator=g).masked_fill(~causal, float("-inf"))
+    sel = select_topk(noise, k) & causal
+    hits = []
+    for i in range(k, t):  # queries that see more than k keys
+        main = naive_select(probs[0, i, : i + 1].tolist(), k)
+        hits.append(len(main & set(torch.nonzero(sel[0, i]).flatten().tolist())) / k)
+    assert math.isclose(recall(probs, sel, causal, k), sum(hits) / len(hits), rel_tol=1e-6)
+    own = select_topk(probs.masked_fill(~causal, float("-inf")), k) & causal
+    assert recall(probs, own, causal, k) == 1.0
+    assert recall(probs, sel, causal, t) == 1.0  # nothing to select: trivially complete
