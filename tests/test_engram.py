@@ -132,6 +132,11 @@ def test_collision_rate_definition_and_expected_for_uniform_hashing():
     expected = sum(1 - (1 - 1 / p) ** (u - 1) for u, p in sizes) / len(sizes)
     assert 0.5 < expected < 0.8
     assert measured == pytest.approx(expected, abs=0.03)
+    # orders whose n-gram code overflows int64 take the tuple path: same definition
+    wide = Engram(16, ecfg(ngram_orders=[2, 5], table_size=211), 0, 50_000)
+    win = wide.window(ids[:2, :64], 64)
+    rate = wide.collision_rate(win, wide.hash_indices(win))
+    assert rate == pytest.approx(naive_collision_rate(wide, ids[:2, :64])[0], abs=1e-6)
     # a much larger table collides much less, again as predicted
     big = Engram(16, ecfg(table_size=100_003), 0, 50_000)
     win = big.window(ids, 256)
