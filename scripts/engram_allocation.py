@@ -2,9 +2,11 @@
 Engram's table and DeepSeekMoE's routed experts (the Engram paper's allocation sweep,
 at the `small` model size).
 
-    sparse budget P = Engram table params + routed-expert params        (fixed)
-    routed-expert params = n_routed_experts * 3 * dim * expert_dim * (n_layers - first_dense_layers)
-    Engram table params  = sum_j p_j * head_dim * len(layers)          (p_j: the J primes >= table_size)
+    sparse budget P      = Engram table params + routed-expert params  (fixed)
+    routed-expert params = n_routed_experts * 3 * dim * expert_dim
+                           * (n_layers - first_dense_layers)
+    Engram table params  = sum_j p_j * head_dim * len(layers)
+                           (p_j: the J = orders x heads primes >= table_size)
 
 Active parameters stay fixed: top_k and expert_dim are the same in every file, so only
 the number of routed experts (inactive capacity) and the Engram table size change.
