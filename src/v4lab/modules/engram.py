@@ -287,14 +287,24 @@ class Engram(nn.Module):
         win, idx, e = self.embed(ctx, t, x.device)
         e = e.to(x.dtype)
         k, v = self.w_k(e), self.w_v(e)
-        score = (self.norm_h(x).float() * self.norm_k(k).float()).sum(-1, keepdim=True)
-        alpha = torch.sigmoid(score / math.sqrt(self.dim))            # [B, T, 1]
+        alpha = self.gate(x, k)                                        # [B, T, 1]
         u = (alpha * v).to(x.dtype)
         y = u + F.silu(self._conv(self.norm_conv(u), cache))
         if ctx.step is not None or self.training:
             ctx.add_stat("engram/gate_mean", alpha.mean().item())
             ctx.add_stat("engram/bucket_collision_rate", self.collision_rate(win, idx))
         return y
+
+    def gate(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """alpha = sigmoid(<RMSNorm_h(h), RMSNorm_k(k)> / sqrt(dim)): [B, T, 1] from h, k
+        [B, T, dim]. Computed as <h * k, g_h * g_k> * r_h * r_k with r = 1/rms, in fp32:
+        the same value as normalising both first, with fewer passes over [B, T, dim]."""
+        hf, kf = h.float(), k.float()
+        r_h = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.norm_h.eps)
+        r_k = torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + self.norm_k.eps)
+        g = (self.norm_h.weight * self.norm_k.weight).float()
+        score = (hf * kf) @ g.unsqueeze(-1)
+        return torch.sigmoid(score * r_h * r_k / math.sqrt(self.dim))
 
     def _conv(self, z: torch.Tensor, cache: EngramCache | None) -> torch.Tensor:
         """Depthwise causal dilated conv over time: z [B, T, dim] -> [B, T, dim]; prepends
