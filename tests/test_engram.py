@@ -226,9 +226,11 @@ def test_engram_off_is_the_plain_model():
     assert not torch.allclose(on(ids), plain(ids))
 
 
-def test_decode_token_by_token_equals_full_forward():
+@pytest.mark.parametrize("host_memory", [False, True])
+def test_decode_token_by_token_equals_full_forward(host_memory):
     torch.manual_seed(0)
-    model = Transformer(model_cfg(ecfg(layers=[0, 1], ngram_orders=[2, 4]))).double().eval()
+    cfg = ecfg(layers=[0, 1], ngram_orders=[2, 4], host_memory=host_memory)
+    model = Transformer(model_cfg(cfg)).double().eval()
     for blk in model.blocks:
         randomize(blk.engram, seed=blk.layer_idx)  # non-zero conv weights
         blk.engram.double()

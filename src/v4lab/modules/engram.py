@@ -264,8 +264,8 @@ class Engram(nn.Module):
                 rows = torch.zeros(len(uniq), dtype=torch.int64, device=idx.device)
                 rows.scatter_(0, inverse.to(idx.device), idx[..., j].reshape(-1))
                 _, inv_b, counts = torch.unique(rows, return_inverse=True, return_counts=True)
-                rates.append((counts[inv_b] > 1).float().mean().item())
-        return sum(rates) / len(rates)
+                rates.append((counts[inv_b] > 1).float().mean())
+        return torch.stack(rates).mean().item()  # one host sync per layer
 
     # ---- forward ----------------------------------------------------------------------------
     def embed(self, ctx: ForwardContext, t: int, device: torch.device
