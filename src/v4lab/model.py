@@ -142,10 +142,19 @@ class Transformer(nn.Module):
         end = int(ctx.positions[-1]) + 1
         if end > self.cfg.max_seq_len:
             raise ValueError(f"position {end - 1} is beyond model.max_seq_len={self.cfg.max_seq_len}")
+        for block in self.blocks:  # Engram's indices depend only on the ids: compute them first
+            if block.engram is not None:
+                block.engram.prefetch(ctx)
         x = self.tok_emb(input_ids)
         for block in self.blocks:
             x = block(x, ctx)
         return self.lm_head(self.norm(x))
+
+    def set_canonical_ids(self, ids: torch.Tensor) -> None:
+        """Install the token -> canonical id map [vocab_size] in every Engram module."""
+        for blk in self.blocks:
+            if blk.engram is not None:
+                blk.engram.set_canonical_ids(ids)
 
     # ---- decoding -------------------------------------------------------------------
     def new_caches(self, batch: int, max_len: int | None = None) -> list[dict]:

@@ -29,6 +29,8 @@ class ForwardContext:
       attention's training phase); None at inference (every piece in its final mode).
     aux_losses: name -> scalar tensor; the trainer adds their sum to the LM loss.
     stats: name -> float; logged as metrics (e.g. ``sparse/recall``).
+    prefetched: work a piece did ahead of the blocks for this forward, keyed by module
+      (Engram's table indices / host-memory rows, computed before any layer runs).
     """
 
     positions: torch.Tensor
@@ -38,6 +40,7 @@ class ForwardContext:
     step: int | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
+    prefetched: dict[str, Any] = field(default_factory=dict)
     _rope: dict = field(default_factory=dict, repr=False)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
