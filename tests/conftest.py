@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -13,6 +14,8 @@ CONF = ROOT / "conf"
 # Tests never touch the network: W&B is disabled unless a test asks for offline.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Test-sized tensors run fastest on one thread (and a loaded machine oversubscribes more).
+torch.set_num_threads(1)
 
 # A small slice of the standard library: enough files for three splits, seconds to prepare.
 TINY_DATA = [

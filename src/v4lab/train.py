@@ -28,9 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from v4lab import chips, tracking
 from v4lab.config import RunConfig, load_run_config
+from v4lab.data.canonical import build_canonical_ids
 from v4lab.data.datamodule import CorpusDataModule
 from v4lab.data.prepare import prepare, token_byte_lengths
 from v4lab.lit import LitLM
+from v4lab.modules.engram import engram_params
 
 log = logging.getLogger("v4lab")
 
@@ -194,6 +196,11 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                                       presets={"v3_671b": chips.load_model_preset("v3_671b")})
     lit = LitLM(model_cfg, t, token_bytes)
     costs = measure_costs(lit, t.seq_len)
+    if model_cfg.engram.enabled:  # Engram hashes canonical ids of the trained vocabulary
+        canonical, ratio = build_canonical_ids(tokenizer)
+        lit.model.set_canonical_ids(canonical)
+        costs |= {"engram/params": float(engram_params(lit.model)),
+                  "engram/canonical_vocab_ratio": ratio}
 
     throughput = Throughput(t.batch_size * t.seq_len)
     interactive = sys.stdout.isatty()
