@@ -235,6 +235,7 @@ def test_bias_balances_a_skewed_router():
 
 
 def naive_balance_loss(scores, idx, batch, alpha):
+    scores = scores.detach()
     n, e = scores.shape
     t, k = n // batch, idx.shape[1]
     total = 0.0

@@ -20,9 +20,9 @@ forward context.
 
 Dispatch: the N*k (token, expert) pairs are sorted by expert, so every expert sees one
 contiguous segment of rows, and each expert runs one matrix product per weight on its
-segment (or a single grouped GEMM, ``RoutedExperts.use_grouped_mm``). The outputs are
-un-permuted with a gather and combined with the gates. No Python loop over tokens and
-no dense mask over all experts.
+segment (or a single grouped GEMM, ``RoutedExperts.use_grouped_mm``). Each output row
+is scaled by its gate and added back to its token with index_add (deterministic on CPU;
+atomic adds on CUDA). No Python loop over tokens and no dense mask over all experts.
 
 Note vs. DeepSeek-V3: V3 renormalises the selected gates only for sigmoid scores; here
 they are renormalised for every score function (DESIGN.md section 2).
@@ -116,13 +116,11 @@ class RoutedExperts(nn.Module):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
             return F.grouped_mm(h, self.w2, offs=offs)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            xe = x[start:start + n]
-            outs.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
-            start += n
+        # split / unbind (not x[a:b], w[e]): their backward is one cat / stack instead of
+        # a zero-filled full-size gradient per expert.
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = [(F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e]
+                for e, xe in enumerate(x.split(counts)) if counts[e] > 0]
         return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[-1])
 
 
@@ -186,11 +184,10 @@ class MoE(nn.Module):
         pair_expert = indices.reshape(-1)
         order = pair_expert.argsort(stable=True)
         counts = torch.bincount(pair_expert, minlength=self.n_experts)
-        y_sorted = self.experts(flat[order // k], counts.tolist())
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = y_sorted[inverse].view(b * t, k, d)
-        out = (y * gates.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+        token = order // k  # source token of each sorted pair
+        y = self.experts(flat[token], counts.tolist())
+        y = y * gates.reshape(-1)[order].to(y.dtype).unsqueeze(-1)
+        out = torch.zeros_like(flat).index_add_(0, token, y)  # sum the k outputs per token
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training:
