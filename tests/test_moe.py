@@ -263,7 +263,7 @@ def test_sequence_balance_loss_matches_formula_and_reaches_ctx():
     ctx = ctx_for(5)
     moe(x, ctx)
     loss = ctx.aux_losses["moe/aux_loss"]
-    assert float(loss) == pytest.approx(float(got), rel=1e-5)
+    assert loss.item() == pytest.approx(got.item(), rel=1e-5)
     loss.backward()
     assert moe.gate.proj.weight.grad.abs().sum() > 0
 
