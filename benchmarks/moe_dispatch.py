@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,17 +50,18 @@ def run(fn, moe: MoE, x: torch.Tensor, g: torch.Tensor):
 
 
 def time_variants(variants: dict, moe: MoE, x: torch.Tensor, g: torch.Tensor,
-                  reps: int) -> dict[str, list[float]]:
-    """Seconds per fwd+bwd of each variant; variants interleaved rep by rep so that load
-    from other processes hits all of them alike."""
+                  reps: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds per fwd+bwd of each variant. Variants are interleaved
+    rep by rep so that load from other processes hits all of them alike; process CPU time
+    does not count time spent waiting for a core (steadier on a shared machine)."""
     for fn in variants.values():
         run(fn, moe, x, g)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(reps):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             run(fn, moe, x, g)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
     return times
 
 
@@ -99,20 +101,26 @@ def bench(name: str, moe_kw: dict, args) -> list[str]:
         errors[vname] = ((y - y_ref).abs().max().item(),
                          max((a - b).abs().max().item() for a, b in zip(grads, g_ref)))
     times = time_variants(variants, moe, x, g, args.reps)
-    base_min = min(times["masked loop (naive)"])
-    base_med = statistics.median(times["masked loop (naive)"])
+
+    def summary(vname: str) -> tuple[float, float, float]:
+        wall = [w for w, _ in times[vname]]
+        cpu = [c for _, c in times[vname]]
+        return min(wall), statistics.median(wall), statistics.median(cpu)
+
+    base = summary("masked loop (naive)")
     shape = ", ".join(f"{k}={v}" for k, v in moe_kw.items())
     lines = [f"### {name}: dim={args.dim}, {shape}", "",
-             "| dispatch | fwd+bwd ms (min) | (median) | speed-up min | (median) | "
-             "max abs diff output | max abs diff grads |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for vname, ts in times.items():
-        lo, med = min(ts), statistics.median(ts)
+             "| dispatch | wall ms min | wall ms median | CPU ms median | speed-up wall min | "
+             "speed-up CPU median | max abs diff output | max abs diff grads |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for vname in times:
+        lo, med, cpu = summary(vname)
         err_y, err_g = errors[vname]
-        print(f"{name:18s} {vname:30s} min {lo * 1e3:8.1f} ms  median {med * 1e3:8.1f} ms  "
+        print(f"{name:22s} {vname:28s} wall min {lo * 1e3:7.1f} med {med * 1e3:7.1f} "
+              f"cpu med {cpu * 1e3:7.1f} ms  x{base[0] / lo:.2f} / x{base[2] / cpu:.2f}  "
               f"max|dy|={err_y:.1e} max|dgrad|={err_g:.1e}")
-        lines.append(f"| {vname} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {base_min / lo:.2f}x | "
-                     f"{base_med / med:.2f}x | {err_y:.1e} | {err_g:.1e} |")
+        lines.append(f"| {vname} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {cpu * 1e3:.1f} | "
+                     f"{base[0] / lo:.2f}x | {base[2] / cpu:.2f}x | {err_y:.1e} | {err_g:.1e} |")
     return lines + [""]
 
 
@@ -121,29 +129,37 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="torch thread counts to measure, one table set each")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_dispatch.md"))
     args = ap.parse_args()
     tokens = args.batch * args.seq
+    cmd_args = "".join(f" {a}" for a in sys.argv[1:] if not a.startswith("--out"))
     lines = [
         "# MoE dispatch: forward + backward of one MoE layer (router + routed + shared)",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with "
-        f"`PYTHONPATH=src python3 benchmarks/moe_dispatch.py` (torch {torch.__version__}, "
-        f"{platform.machine()}, {torch.get_num_threads()} threads, float32, "
-        f"{tokens} tokens = batch {args.batch} x seq {args.seq}). {args.reps} timed reps per "
-        "variant after one warm-up, variants interleaved; the 2-core machine was shared with "
-        "other jobs, so the minimum is the steadier figure.",
+        f"`PYTHONPATH=src python3 benchmarks/moe_dispatch.py{cmd_args}` "
+        f"(torch {torch.__version__}, {platform.machine()}, float32, {tokens} tokens = "
+        f"batch {args.batch} x seq {args.seq}). {args.reps} timed reps per variant after one "
+        "warm-up, variants interleaved rep by rep; the 2-core machine was shared with other "
+        "jobs: wall times are noisy; process CPU time (which excludes waiting for a core; "
+        "with 2 threads it also counts both threads' work) is the steadier figure.",
         "",
     ]
-    for name, kw in CONFIGS.items():
-        lines += bench(name, kw, args)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", ""]
+        for name, kw in CONFIGS.items():
+            lines += bench(f"{name}, {threads}t", kw, args)
     lines += [
         "Naive = every expert over all tokens, multiplied by a dense gate column (zero where "
         "the expert is not selected); all variants share the router, so differences are "
         "float32 summation order only. With top_k=8 of 32 the naive loop does 4x the routed "
-        "FLOPs, and the shared experts cost the same in every variant, so about 2.5x is the "
-        "FLOP-ratio ceiling for experts_32.",
+        "FLOPs, and the shared experts (as wide as the active routed part) cost the same in "
+        "every variant, so the FLOP ratio is 2.5x for experts_32; with top-2 of 32 "
+        "it is about 11x.",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

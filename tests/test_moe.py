@@ -331,3 +331,18 @@ def test_bad_config_fails_before_training(kw, key):
         cfg.validate()
     with pytest.raises(ConfigError):
         Transformer(cfg)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_autocast_bf16_runs_and_stays_close(grouped):
+    moe = make_moe(n_routed_experts=4, top_k=2)
+    moe.experts.use_grouped_mm = grouped
+    x = torch.randn(2, 6, DIM, requires_grad=True)
+    ref = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+        _, idx, _ = moe.gate(x.reshape(-1, DIM))
+    assert torch.equal(idx, moe.gate(x.reshape(-1, DIM))[1])  # routing stays fp32
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.02)
+    y.float().sum().backward()
+    assert torch.isfinite(moe.experts.w1.grad).all()

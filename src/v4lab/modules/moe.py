@@ -71,7 +71,8 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.proj.weight.float())
+        with torch.autocast(device_type=x.device.type, enabled=False):  # route in fp32
+            logits = F.linear(x.float(), self.proj.weight.float())
         scores = affinity(logits, self.score_func)
         choice = scores + self.bias
         if self.n_groups > 1:
@@ -103,8 +104,9 @@ class RoutedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
         # One grouped GEMM instead of one product per segment. torch 2.13's CPU
-        # F.grouped_mm is correct but slower than the segment loop (see
-        # benchmarks/results/moe_dispatch.md), so it is off by default.
+        # F.grouped_mm is correct but not reliably faster than the segment loop (within
+        # about 10% either way, benchmarks/results/moe_dispatch.md) and autocast does not
+        # cover it, so it is off by default.
         self.use_grouped_mm = False
         self.init_weights(0.02)
 
@@ -193,7 +195,8 @@ class MoE(nn.Module):
         counts = torch.bincount(pair_expert, minlength=self.n_experts)
         token = order // k  # source token of each sorted pair
         y = self.experts(flat[token], counts.tolist(), gates.reshape(-1)[order])
-        out = torch.zeros_like(flat).index_add_(0, token, y)  # sum the k gated outputs
+        # sum the k gated outputs per token (y is bf16 under autocast: accumulate in y's dtype)
+        out = flat.new_zeros(flat.shape, dtype=y.dtype).index_add_(0, token, y)
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training:
