@@ -2,11 +2,13 @@
 
 The naive reference runs every expert over ALL tokens and multiplies by the token's gate
 for that expert (zero where not selected). All variants share the same router, so outputs
-and gradients must agree. Times one forward+backward of the whole MoE layer (router,
-routed experts, shared experts) at the small model's experts_32 sizes by default.
+and gradients must agree. The two sorted variants differ only in how the expert segments
+are multiplied: one matmul per segment, or one F.grouped_mm over all segments. Times one
+forward+backward of the whole MoE layer (router, routed experts, shared experts) for the
+configurations in CONFIGS, at 1 and 2 torch threads.
 
-    PYTHONPATH=src python3 benchmarks/moe_dispatch.py            # writes the results table
-    PYTHONPATH=src python3 benchmarks/moe_dispatch.py --experts 8 --top-k 2 --expert-dim 128
+    PYTHONPATH=src python3 benchmarks/moe_dispatch.py              # writes the results table
+    PYTHONPATH=src python3 benchmarks/moe_dispatch.py --threads 1 --reps 3 --out /tmp/x.md
 """
 
 from __future__ import annotations
@@ -81,19 +83,19 @@ def bench(name: str, moe_kw: dict, args) -> list[str]:
     x = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)
     g = torch.randn(args.batch, args.seq, args.dim)
 
-    def sorted_fn(m, x):
-        return m(x)
+    def dispatch(grouped: bool):
+        def fn(m, x):
+            m.experts.use_grouped_mm = grouped
+            try:
+                return m(x)
+            finally:
+                m.experts.use_grouped_mm = None
+        return fn
 
-    def grouped_fn(m, x):
-        m.experts.use_grouped_mm = True
-        try:
-            return m(x)
-        finally:
-            m.experts.use_grouped_mm = False
-
-    variants = {"masked loop (naive)": masked_loop, "sorted segments (default)": sorted_fn}
+    variants = {"masked loop (naive)": masked_loop,
+                "sorted, one mm per segment": dispatch(False)}
     if hasattr(F, "grouped_mm"):
-        variants["grouped GEMM (F.grouped_mm)"] = grouped_fn
+        variants["sorted, grouped GEMM (CPU default)"] = dispatch(True)
     y_ref, g_ref = run(masked_loop, moe, x, g)
     errors = {}
     for vname, fn in variants.items():

@@ -19,10 +19,15 @@ step. An optional sequence-wise balance loss (``aux_loss_alpha`` > 0) is reporte
 forward context.
 
 Dispatch: the N*k (token, expert) pairs are sorted by expert, so every expert sees one
-contiguous segment of rows, and each expert runs one matrix product per weight on its
-segment (or a single grouped GEMM, ``RoutedExperts.use_grouped_mm``). Each output row
-is scaled by its gate and added back to its token with index_add (deterministic on CPU;
-atomic adds on CUDA). No Python loop over tokens and no dense mask over all experts.
+contiguous segment of rows; each expert runs one matrix product per weight on its
+segment, or all segments run as one grouped GEMM (``RoutedExperts.use_grouped_mm``; the
+CPU default). The gate scales each row's hidden activations, and index_add sums the k
+outputs back into their token (deterministic on CPU; atomic adds on CUDA). No Python loop
+over tokens and no dense mask over all experts.
+
+Group-limited routing masks the experts of dropped groups with -inf, as DeepSeek-V3's
+reference inference code does (transformers' DeepseekV3 fills 0.0 instead, which only
+differs when an eligible biased score is negative).
 
 Note vs. DeepSeek-V3: V3 renormalises the selected gates only for sigmoid scores; here
 they are renormalised for every score function (DESIGN.md section 2).
@@ -103,11 +108,11 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
-        # One grouped GEMM instead of one product per segment. torch 2.13's CPU
-        # F.grouped_mm is correct but not reliably faster than the segment loop (within
-        # about 10% either way, benchmarks/results/moe_dispatch.md) and autocast does not
-        # cover it, so it is off by default.
-        self.use_grouped_mm = False
+        # True: one grouped GEMM (F.grouped_mm) for all segments; False: one product per
+        # segment; None (default): grouped on CPU when torch has it (torch 2.13: same
+        # results, 1-3% faster on 1 thread and ~15% on 2, benchmarks/results/
+        # moe_dispatch.md), segments elsewhere (CUDA grouped_mm wants bf16 on SM80+).
+        self.use_grouped_mm: bool | None = None
         self.init_weights(0.02)
 
     def init_weights(self, std: float) -> None:
@@ -120,7 +125,10 @@ class RoutedExperts(nn.Module):
         if scale is None:
             scale = x.new_ones(x.shape[0])
         scale = scale.to(x.dtype).unsqueeze(-1)
-        if self.use_grouped_mm and hasattr(F, "grouped_mm"):
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = x.device.type == "cpu"
+        if grouped and hasattr(F, "grouped_mm"):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
             return F.grouped_mm(h * scale, self.w2, offs=offs)
