@@ -89,13 +89,13 @@ def bench(name: str, moe_kw: dict, args) -> list[str]:
             try:
                 return m(x)
             finally:
-                m.experts.use_grouped_mm = None
+                m.experts.use_grouped_mm = False
         return fn
 
     variants = {"masked loop (naive)": masked_loop,
-                "sorted, one mm per segment": dispatch(False)}
+                "sorted, one mm per segment (default)": dispatch(False)}
     if hasattr(F, "grouped_mm"):
-        variants["sorted, grouped GEMM (CPU default)"] = dispatch(True)
+        variants["sorted, grouped GEMM"] = dispatch(True)
     y_ref, g_ref = run(masked_loop, moe, x, g)
     errors = {}
     for vname, fn in variants.items():

@@ -20,8 +20,8 @@ forward context.
 
 Dispatch: the N*k (token, expert) pairs are sorted by expert, so every expert sees one
 contiguous segment of rows; each expert runs one matrix product per weight on its
-segment, or all segments run as one grouped GEMM (``RoutedExperts.use_grouped_mm``; the
-CPU default). The gate scales each row's hidden activations, and index_add sums the k
+segment (or all segments run as one grouped GEMM: ``RoutedExperts.use_grouped_mm``,
+off by default). The gate scales each row's hidden activations, and index_add sums the k
 outputs back into their token (deterministic on CPU; atomic adds on CUDA). No Python loop
 over tokens and no dense mask over all experts.
 
@@ -108,11 +108,11 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
-        # True: one grouped GEMM (F.grouped_mm) for all segments; False: one product per
-        # segment; None (default): grouped on CPU when torch has it (torch 2.13: same
-        # results, 1-3% faster on 1 thread and ~15% on 2, benchmarks/results/
-        # moe_dispatch.md), segments elsewhere (CUDA grouped_mm wants bf16 on SM80+).
-        self.use_grouped_mm: bool | None = None
+        # True: one grouped GEMM (F.grouped_mm) over all segments instead of one product
+        # per segment. torch 2.13's CPU grouped_mm gives the same results but was not
+        # reliably faster here (from 10% faster to 40% slower across runs on the shared
+        # 2-core machine, benchmarks/results/moe_dispatch.md), so it is off by default.
+        self.use_grouped_mm = False
         self.init_weights(0.02)
 
     def init_weights(self, std: float) -> None:
@@ -125,10 +125,7 @@ class RoutedExperts(nn.Module):
         if scale is None:
             scale = x.new_ones(x.shape[0])
         scale = scale.to(x.dtype).unsqueeze(-1)
-        grouped = self.use_grouped_mm
-        if grouped is None:
-            grouped = x.device.type == "cpu"
-        if grouped and hasattr(F, "grouped_mm"):
+        if self.use_grouped_mm and hasattr(F, "grouped_mm"):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
             return F.grouped_mm(h * scale, self.w2, offs=offs)
