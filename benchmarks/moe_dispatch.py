@@ -164,8 +164,8 @@ def main() -> None:
         "it is about 11x.",
         "",
         "Grouped GEMM vs one matmul per segment: within noise at 1 thread; at 2 threads, "
-        "across six runs of this script on 2026-11-28 (shared machine), from about 15% faster "
-        "to 40% slower. It is therefore not the default (RoutedExperts.use_grouped_mm).",
+        "over five runs of this script on 2026-11-28 (shared machine), from about a third "
+        "faster to a third slower in process CPU time. It is therefore not the default (RoutedExperts.use_grouped_mm).",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
