@@ -164,8 +164,9 @@ def main() -> None:
         "it is about 11x.",
         "",
         "Grouped GEMM vs one matmul per segment: within noise at 1 thread; at 2 threads, "
-        "over five runs of this script on 2026-11-28 (shared machine), from about a third "
-        "faster to a third slower in process CPU time. It is therefore not the default (RoutedExperts.use_grouped_mm).",
+        "in process CPU time over four runs of this script on 2026-11-28 (shared machine), "
+        "from about a third faster to a third slower. It is therefore not the default "
+        "(RoutedExperts.use_grouped_mm).",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
