@@ -110,8 +110,9 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
         # True: one grouped GEMM (F.grouped_mm) over all segments instead of one product
         # per segment. torch 2.13's CPU grouped_mm gives the same results but was not
-        # reliably faster here (from 10% faster to 40% slower across runs on the shared
-        # 2-core machine, benchmarks/results/moe_dispatch.md), so it is off by default.
+        # reliably faster here (within noise on 1 thread, a third faster to a third slower
+        # on 2 across runs on a shared 2-core machine, benchmarks/results/moe_dispatch.md),
+        # so it is off by default.
         self.use_grouped_mm = False
         self.init_weights(0.02)
 
