@@ -26,8 +26,8 @@ outputs back into their token (deterministic on CPU; atomic adds on CUDA). No Py
 over tokens and no dense mask over all experts.
 
 Group-limited routing masks the experts of dropped groups with -inf, as DeepSeek-V3's
-reference inference code does (transformers' DeepseekV3 fills 0.0 instead, which only
-differs when an eligible biased score is negative).
+reference inference code and transformers' DeepseekV3 (5.23) do; tests/test_peer.py
+checks the whole model against the latter.
 
 Note vs. DeepSeek-V3: V3 renormalises the selected gates only for sigmoid scores; here
 they are renormalised for every score function (DESIGN.md section 2).
