@@ -394,3 +394,27 @@ def test_fp8_training_numerics_match_cache_and_train():
     assert 1e-4 < (out - m32(x, ctx_for(6))).abs().max() < 0.2 * out.abs().max()
     out.sum().backward()
     assert m8.wkv_a.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dq,dv", [(24, 16), (16, 24), (16, 16)])
+def test_causal_attention_padding_matches_naive(dq, dv):
+    """The zero-padded fused SDPA call equals naive causal softmax attention, with gradients."""
+    from v4lab.modules.mla import _causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, dq, generator=g), torch.randn(2, 3, 7, dq, generator=g)
+    v = torch.randn(2, 3, 7, dv, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _causal_attention(*leaves, 0.3)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    qr, kr, vr = ref_leaves
+    s = (qr @ kr.transpose(-1, -2)) * 0.3
+    s = s.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    ref = s.softmax(-1) @ vr
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(ref.shape, generator=g)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
