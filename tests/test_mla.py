@@ -418,3 +418,20 @@ def test_causal_attention_padding_matches_naive(dq, dv):
     (ref * w).sum().backward()
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_over_cache_match_naive(dtype):
+    """Both formulations of q . keys (chosen by dtype) equal the naive per-pair sum."""
+    from v4lab.modules.mla import _scores_over_cache
+
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    out = _scores_over_cache(q.to(dtype), keys.to(dtype))
+    qn, kn = q.to(dtype).double(), keys.to(dtype).double()
+    ref = torch.tensor([[[[float((qn[b, t, h] * kn[b, s]).sum()) for s in range(5)]
+                          for h in range(4)] for t in range(3)] for b in range(2)],
+                       dtype=torch.float64)
+    assert out.shape == (2, 3, 4, 5) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

@@ -75,8 +75,12 @@ def rope_permutation(dim: int, interleave: bool) -> torch.Tensor:
     return torch.cat([idx[0::2], idx[1::2]]) if interleave else idx
 
 
-def model_config_from_hf(hf_config: Any, bias_update_rate: float = 0.0) -> ModelConfig:
-    """The v4lab ModelConfig equivalent to a DeepseekV3Config (object or dict)."""
+def model_config_from_hf(hf_config: Any, bias_update_rate: float = 0.0,
+                         kv_cache: str = "fp32") -> ModelConfig:
+    """The v4lab ModelConfig equivalent to a DeepseekV3Config (object or dict).
+
+    kv_cache: the v4lab cache storage dtype; fp32 (default) reproduces transformers
+    exactly, bf16 halves the cache and is the faster choice under bf16 autocast."""
     c = lambda k, d=None: _get(hf_config, k, d)  # noqa: E731
     rope = c("rope_parameters") or c("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
@@ -112,7 +116,7 @@ def model_config_from_hf(hf_config: Any, bias_update_rate: float = 0.0) -> Model
         kind="mla", n_heads=n_heads, q_lora_rank=c("q_lora_rank") or 0,
         kv_lora_rank=c("kv_lora_rank"), qk_nope_head_dim=c("qk_nope_head_dim"),
         qk_rope_head_dim=c("qk_rope_head_dim"), v_head_dim=c("v_head_dim"), vvpa=False,
-        kv_cache=KVCacheConfig(dtype="fp32"), sparse=SparseConfig(enabled=False))
+        kv_cache=KVCacheConfig(dtype=kv_cache), sparse=SparseConfig(enabled=False))
     return ModelConfig(
         vocab_size=c("vocab_size"), dim=c("hidden_size"), n_layers=n_layers,
         ffn_dim=c("intermediate_size"), max_seq_len=c("max_position_embeddings"),
@@ -201,12 +205,13 @@ def hf_state_to_v4lab(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
     return out
 
 
-def to_v4lab(hf: Any, hf_config: Any = None, bias_update_rate: float = 0.0
-             ) -> tuple[Transformer, ModelConfig]:
+def to_v4lab(hf: Any, hf_config: Any = None, bias_update_rate: float = 0.0,
+             kv_cache: str = "fp32") -> tuple[Transformer, ModelConfig]:
     """A v4lab Transformer holding the weights of a DeepseekV3ForCausalLM.
 
     hf: the transformers model (its ``config`` is used) or its state dict (then pass
-    ``hf_config``, a DeepseekV3Config or a dict of its fields). Returns (model, config);
+    ``hf_config``, a DeepseekV3Config or a dict of its fields). ``kv_cache``: see
+    :func:`model_config_from_hf`. Returns (model, config);
     the model is in eval mode, in fp32, on the CPU unless the weights are elsewhere.
     """
     if hf_config is None:
@@ -214,7 +219,7 @@ def to_v4lab(hf: Any, hf_config: Any = None, bias_update_rate: float = 0.0
         if hf_config is None:
             raise ConfigError("to_v4lab: pass hf_config when converting a bare state dict")
     state = hf.state_dict() if hasattr(hf, "state_dict") else hf
-    cfg = model_config_from_hf(hf_config, bias_update_rate)
+    cfg = model_config_from_hf(hf_config, bias_update_rate, kv_cache)
     mapped = hf_state_to_v4lab(state, cfg, bool(_get(hf_config, "rope_interleave", True)))
     with torch.device("meta"):
         model = Transformer(cfg)

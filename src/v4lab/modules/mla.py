@@ -154,6 +154,21 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), v, is_causal=True, scale=scale)
 
 
+def _scores_over_cache(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q [B, T, H, d] . keys [B, S, d] -> [B, T, H, S].
+
+    In fp32 one batched product against the transposed keys is fastest. In bf16/fp16 the
+    CPU batched product first copies the transposed [B, d, S] keys (about 0.4 ms per layer
+    and token at S = 2K, most of a decode step); multiplying the keys as they are stored
+    by the small transposed query avoids that copy (2.7x faster at S = 2K, d = 128).
+    """
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return torch.einsum("bthd,bsd->bths", q, keys)
+    b, t, h, d = q.shape
+    out = torch.matmul(keys, q.reshape(b, t * h, d).transpose(1, 2))  # [B, S, T*H]
+    return out.transpose(1, 2).reshape(b, t, h, -1)
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA with optional sparse top-k attention, VVPA and a quantised cache.
 
@@ -316,8 +331,7 @@ class MultiHeadLatentAttention(nn.Module):
             o_rope = torch.einsum("bthk,btkd->bthd", p, kr) if self.vvpa else None
         else:
             kv, kr = cache.latent(end, dtype)  # [B, S, r], [B, S, dr]
-            logits = (torch.einsum("bthr,bsr->bths", q_lat, kv)
-                      + torch.einsum("bthd,bsd->bths", q_rope, kr)) * self.scale
+            logits = (_scores_over_cache(q_lat, kv) + _scores_over_cache(q_rope, kr)) * self.scale
             if t > 1:
                 causal = torch.arange(end, device=q_nope.device)[None, :] <= q_pos[:, None]
                 logits = logits.masked_fill(~causal[None, :, None, :], float("-inf"))
