@@ -193,12 +193,18 @@ def test_absorbed_decode_matches_training_path(vvpa, sparse, q_lora_rank):
     x = torch.randn(2, 10, DIM)
     with torch.no_grad():
         train = m(x, ctx_for(10))
+        # (a) prefill of the empty cache (dense: the fused training-path shortcut), then steps
         cache = m.new_cache(2, 10)
-        prefill = m(x[:, :4], ctx_for(4), cache)  # chunked prefill through the decode path
+        prefill = m(x[:, :4], ctx_for(4), cache)
         steps = [m(x[:, i:i + 1], ctx_for(1, start=i), cache) for i in range(4, 10)]
-    decode = torch.cat([prefill] + steps, 1)
+        # (b) one token, then a multi-token chunk through the absorbed path (causal mask)
+        cache_b = m.new_cache(2, 10)
+        first = m(x[:, :1], ctx_for(1), cache_b)
+        chunk = m(x[:, 1:4], ctx_for(3, start=1), cache_b)
+        steps_b = [m(x[:, i:i + 1], ctx_for(1, start=i), cache_b) for i in range(4, 10)]
     assert train.abs().max() > 1  # outputs of order one: the tolerance below is tight
-    torch.testing.assert_close(decode, train, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([prefill] + steps, 1), train, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([first, chunk] + steps_b, 1), train, atol=3e-5, rtol=1e-4)
 
 
 def test_sparse_training_path_matches_naive_selection():

@@ -17,6 +17,8 @@ Two paths that agree:
 - decode (cache): absorbed. W_UK is folded into the query (q_lat = q_nope W_UK, [H, r]),
   attention is MQA over the cached [c_kv ; k_rope] entries, W_UV is applied to the
   attended latent. The sparse decode path gathers only the k selected cache entries.
+  A dense prefill of an empty cache (t > 1 at position 0) stores the cache entries and
+  takes the training path, which computes the same outputs faster.
 
 VVPA: the value of head h is [v ; k_rope] (k_rope rotated at the key position s) and
 the head output becomes [o_nope ; R(-t) o_rope], so each value enters through R(s - t).
@@ -240,6 +242,12 @@ class MultiHeadLatentAttention(nn.Module):
             index = (idx_q, idx_w, idx_k)
         if cache is None:
             o = self._train_path(q_nope, q_rope, c_kv, k_rope, index, ctx)
+        elif t > 1 and int(ctx.positions[0]) == 0 and index is None:
+            # Prefill of an empty cache: the chunk attends only to itself, so the training
+            # path (up-projected keys, fused causal SDPA, the cache's rounding applied) gives
+            # what the absorbed path would, at about half the cost for a 2K prompt.
+            cache.update(c_kv, k_rope, None, 0)
+            o = self._train_path(q_nope, q_rope, c_kv, k_rope, None, ctx)
         else:
             o = self._decode_path(q_nope, q_rope, c_kv, k_rope, index, ctx, cache)
         if self.vvpa:  # rotate the rotary part of each head's output back by the query position
