@@ -93,7 +93,10 @@ class LitLM(L.LightningModule):
             self.log(f"{split}/{name}", value, on_epoch=True, on_step=False)
 
     def _eval_end(self, split: str) -> None:
-        acc = self._eval_sums.pop(split)
+        # A rank that drew no windows (more ranks than windows) still joins the all_gather.
+        acc = self._eval_sums.pop(split, None)
+        if acc is None:
+            acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         acc = self.all_gather(acc).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else acc
         loss_sum, tokens, nbytes = acc.tolist()
         self.log(f"{split}/loss", loss_sum / max(tokens, 1), sync_dist=False)
