@@ -264,8 +264,8 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         }
         for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
             metrics.setdefault(key, float(value))
-        if t.world_size > 1:
-            metrics |= {"train/processes": t.world_size, "train/strategy": t.strategy}
+        if trainer.world_size > 1:  # the processes that took part (the gloo/NCCL group's size)
+            metrics |= {"train/processes": int(trainer.world_size), "train/strategy": t.strategy}
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             if logger is not None:
