@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from conftest import ROOT, TINY_DATA, compose
 from v4lab.config import load_run_config
@@ -183,16 +184,25 @@ def test_local_parallel_multirun_gives_separate_run_dirs_and_wandb_runs(tmp_path
 # --- DDP on CPU -----------------------------------------------------------------------------
 
 
-def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, smoke_overrides):
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, smoke_overrides) -> dict:
+    """The smoke run of the plain baseline in one process (the reference for DDP)."""
+    return train(compose(["+experiment=baseline", *smoke_overrides]), tmp_path_factory.mktemp("single"))
+
+
+def _ddp_cpu_args(run_dir: Path, data_root: Path, logs: Path) -> list[str]:
+    return ["run.py", "+experiment=baseline", "trainer=ddp_cpu", f"hydra.run.dir={run_dir}",
+            f"data.root={data_root}", *TINY_DATA, f"logger.dir={logs}", *STEPS]
+
+
+def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, single_process):
     """Acceptance: trainer=ddp_cpu trains with 2 gloo processes from run.py, rank 0 writes
     the only metrics.json and opens the only W&B run. Both runs use the same global batch
     (4 sequences: 2 per process under DDP), hence the same samples per optimizer step and,
     up to float reduction order and the per-rank token weighting of the mean loss, the
     same training: the final val/loss agrees to 1e-4."""
     run_dir, logs = tmp_path / "ddp", tmp_path / "logs"
-    r = _run(["run.py", "+experiment=baseline", "trainer=ddp_cpu", f"hydra.run.dir={run_dir}",
-              f"data.root={data_root}", *TINY_DATA, f"logger.dir={logs}", *STEPS],
-             WANDB_MODE="offline")
+    r = _run(_ddp_cpu_args(run_dir, data_root, logs), WANDB_MODE="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = json.loads((run_dir / "metrics.json").read_text())
     assert ddp["train/processes"] == 2 and ddp["train/strategy"] == "ddp"
@@ -200,7 +210,7 @@ def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, sm
     assert len(list(tmp_path.rglob("metrics.json"))) == 1
     assert len(_wandb_runs(logs)) == 1
     assert r.stdout.count("step 12/12  train/loss") == 1  # progress from rank 0 only
-    single = train(compose(["+experiment=baseline", *smoke_overrides]), tmp_path / "single")
+    single = single_process
     assert "train/processes" not in single
     assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=1e-4)
     assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=1e-4)
@@ -208,6 +218,29 @@ def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, sm
 
 
 # --- SLURM without a cluster ------------------------------------------------------------------
+
+
+def test_ranks_started_by_slurm_train_together_with_rank_zero_outputs(tmp_path, single_process):
+    """What srun does with ntasks-per-node=2: two processes with SLURM's variables start at
+    once (nothing launched by v4lab). Both prepare the missing corpus under one lock, train
+    as one DDP group, and only rank 0 writes metrics.json and opens a W&B run."""
+    run_dir, logs, data = tmp_path / "run", tmp_path / "logs", tmp_path / "data"  # fresh corpus
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "run",
+             "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0",
+             "SLURM_JOB_NUM_NODES": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "src")}
+    procs = [subprocess.Popen([sys.executable, *_ddp_cpu_args(run_dir, data, logs)], cwd=ROOT,
+                              env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/processes"] == 2
+    assert len(list(tmp_path.rglob("metrics.json"))) == 1 and len(_wandb_runs(logs)) == 1
+    assert sum(o.count("[data] prepared") for o in outs) == 1  # one rank built it, one waited
+    assert "run dir" in outs[0] and "run dir" not in outs[1]  # the summary comes from rank 0
+    assert metrics["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-4)
+
 
 
 def test_slurm_launcher_resolves_submission_parameters(tmp_path, monkeypatch):
@@ -260,3 +293,47 @@ def test_study_collect_prefers_sweeps_and_reports_missing_runs(tmp_path):
         (tmp_path / base / "s" / name / "metrics.json").write_text(json.dumps({"val/bpb": value}))
     found, missing = collect(study, root=tmp_path)
     assert found == {"baseline-s0": {"val/bpb": 2.0}} and missing == ["mha-s0"]
+
+
+class _Crash(Callback):
+    """Dies after optimizer step ``at`` on rank 0 (checkpoints stay)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ddp_cpu_killed_run_resumes_onto_the_same_batches(tmp_path, smoke_overrides, single_process):
+    """train() itself (no Hydra) with trainer=ddp_cpu: the worker starts from the saved
+    config.yaml; after a crash at step 7 the rerun resumes from rank 0's step-4 checkpoint
+    (samples consumed count the global batch) and ends where one process ends."""
+    import torch
+
+    cfg = compose(["+experiment=baseline", *smoke_overrides, "trainer=ddp_cpu"])
+    with pytest.raises((KeyboardInterrupt, SystemExit, Exception)):
+        train(cfg, tmp_path, extra_callbacks=[_Crash(at=7)])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4 and not (tmp_path / "metrics.json").exists()
+    resumed = train(cfg, tmp_path)
+    assert resumed["train/steps"] == 12 and resumed["train/processes"] == 2
+    assert resumed["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-4)
+    assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ  # launcher cleaned up
+
+
+def test_each_profile_gets_its_lightning_strategy(tmp_path):
+    from v4lab.distributed import RunDDPStrategy, RunFSDPStrategy, make_strategy
+    from v4lab.model import Block
+
+    def strategy(profile: str):
+        cfg = load_run_config(compose(["+experiment=baseline", f"trainer={profile}"]))
+        return make_strategy(cfg.trainer, tmp_path)
+
+    assert strategy("smoke") == "auto"
+    cpu, gpu, fsdp = strategy("ddp_cpu"), strategy("ddp"), strategy("fsdp")
+    assert isinstance(cpu, RunDDPStrategy) and cpu._process_group_backend == "gloo"
+    assert isinstance(gpu, RunDDPStrategy) and gpu._process_group_backend == "nccl"
+    assert isinstance(fsdp, RunFSDPStrategy) and fsdp.run_dir == tmp_path
+    assert fsdp._state_dict_type == "full" and Block in fsdp.kwargs["auto_wrap_policy"]._module_classes

@@ -20,8 +20,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
@@ -45,13 +47,58 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
+class _Watchdog(threading.Thread):
+    """Ends this process (with a message) when a worker dies during the run: the survivors
+    would otherwise wait for it in a collective until the process group times out.
+    Unlike Lightning's observer it stands down once the run is over or being torn down,
+    so a finished or failed run never takes down the process (a sweep, a test) with it."""
+
+    def __init__(self, procs: list[subprocess.Popen], period: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.procs, self.period, self.stop = procs, period, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.period):
+            for rank, proc in enumerate(self.procs, start=1):
+                if proc.poll() not in (None, 0) and not self.stop.is_set():
+                    print(f"error: DDP worker rank {rank} (pid {proc.pid}) exited with code "
+                          f"{proc.returncode}; stopping the run (its log is above)",
+                          file=sys.stderr, flush=True)
+                    for other in self.procs:
+                        if other.poll() is None:
+                            other.kill()
+                    os._exit(1)
+
+
 class RunScriptLauncher(_SubprocessScriptLauncher):
     """Lightning's subprocess launcher, but the workers run ``python -m v4lab.distributed
-    <run_dir>`` (the run's saved config) instead of re-executing ``sys.argv``."""
+    <run_dir>`` (the run's saved config) instead of re-executing ``sys.argv``, and a
+    :class:`_Watchdog` replaces Lightning's process observer."""
 
     def __init__(self, run_dir: Path, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.run_dir = Path(run_dir)
+        self.watchdog: _Watchdog | None = None
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        # fit, validate and test each come through here; workers start once (afterwards
+        # LOCAL_RANK is set, so the environment reports processes as created externally).
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            self.watchdog = _Watchdog(self.procs)
+            self.watchdog.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+    def kill(self, signum) -> None:
+        """Lightning's teardown after Ctrl+C: stand the watchdog down, then end the workers."""
+        self.stand_down()
+        super().kill(signum)
+
+    def stand_down(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop.set()
 
     def _call_children_scripts(self) -> None:
         self._check_can_spawn_children()
@@ -105,17 +152,36 @@ def make_strategy(t: TrainerConfig, run_dir: Path):
     return "auto"
 
 
-def finish_launch(strategy, timeout: float = 120.0) -> None:
-    """After a run, in the process that started workers: wait for them to exit and forget
-    the launcher's variables, so that the next run of a sequential multirun starts clean."""
+def cluster_plugins() -> list:
+    """Under SLURM: Lightning's SLURM environment without its own requeue-on-signal. The
+    submitit launcher already requeues a run that reaches its time limit
+    (``hydra.launcher.max_num_timeout``) and the requeued run resumes from last.ckpt; two
+    handlers of the same signal would requeue twice."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def finish_launch(strategy, ok: bool, timeout: float = 120.0) -> None:
+    """After a run, in the process that started workers: let them finish (``ok``) or end
+    them (the run failed: they would wait for this rank in a collective), then forget the
+    launcher's variables so that the next run of a sequential multirun starts clean."""
+    import torch.distributed as dist
+
     launcher = getattr(strategy, "_launcher", None)
     if not isinstance(launcher, RunScriptLauncher) or not launcher.procs:
         return
+    launcher.stand_down()
+    if dist.is_available() and dist.is_initialized():  # the next run needs a group of its own
+        dist.destroy_process_group()
     for proc in launcher.procs:
+        if not ok and proc.poll() is None:
+            proc.kill()
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
     for key in _LAUNCH_ENV:
         os.environ.pop(key, None)
 

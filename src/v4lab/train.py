@@ -229,6 +229,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     # Lightning's WandbLogger opens its run on rank 0 only (the other ranks get a no-op).
     logger = tracking.make_logger(run_cfg, run_dir, config_dict)
     strategy = distributed.make_strategy(t, run_dir)
+    ok = False
     try:
         trainer = L.Trainer(
             max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
@@ -238,7 +239,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
             num_sanity_val_steps=0, logger=logger if logger is not None else False,
             callbacks=callbacks, enable_progress_bar=interactive, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, deterministic=True,
-            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO(), *distributed.cluster_plugins()],
         )
         last = run_dir / "checkpoints" / "last.ckpt"
         t0 = time.perf_counter()
@@ -271,10 +272,11 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
             if logger is not None:
                 logger.experiment.summary.update({k: v for k, v in metrics.items()})
             report(metrics, run_dir, run_cfg)
+        ok = True
         return metrics
     finally:
         tracking.finish()
-        distributed.finish_launch(strategy)
+        distributed.finish_launch(strategy, ok)
 
 
 def report(metrics: dict[str, Any], run_dir: Path, cfg: RunConfig) -> None:
