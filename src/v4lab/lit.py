@@ -58,7 +58,15 @@ class LitLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss_sum, counts, ctx = self._forward(batch)
         loss = loss_sum / counts[0].clamp(min=1)
-        total = loss + sum(ctx.aux_losses.values(), torch.zeros((), device=loss.device))
+        objective = loss
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # DDP averages gradients over ranks; scaling by world / (scored tokens on all
+            # ranks) makes that average the gradient of the global batch's per-token mean,
+            # exactly what one process computes from the same batch.
+            scored = self.trainer.strategy.reduce(counts[0].float(), reduce_op="sum")
+            objective = loss_sum * world / scored.clamp(min=1)
+        total = objective + sum(ctx.aux_losses.values(), torch.zeros((), device=loss.device))
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"non-finite training loss ({float(loss)}; total with auxiliary losses "
@@ -81,8 +89,12 @@ class LitLM(L.LightningModule):
                 f"{', ...' if len(bad) > 3 else ''}): not saving; the last good checkpoint "
                 "is kept. Lower trainer.lr or check the data.")
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.model.on_train_step_end()  # after the optimizer step (automatic optimization)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step, then the pieces' running state (MoE's bias). Here rather than in
+        on_train_batch_end: ModelCheckpoint saves in its own on_train_batch_end, which runs
+        first, so a checkpoint would miss that step's update and a resumed run diverge."""
+        super().optimizer_step(*args, **kwargs)
+        self.model.on_train_step_end()
 
     def _eval_step(self, batch: torch.Tensor, split: str) -> None:
         loss_sum, counts, ctx = self._forward(batch)

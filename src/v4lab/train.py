@@ -143,6 +143,8 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
 
     model = lit.model
     was_training = model.training
+    # Training forwards update running state (MoE's load count); leave it as it was found.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.eval()
     with torch.no_grad():
         caches = model.new_caches(1, 4)
@@ -154,6 +156,9 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
         model(x).float().logsumexp(-1).mean().backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     return {
         "cost/params_total": float(model.num_params()),
         "cost/params_active": float(model.num_active_params()),
