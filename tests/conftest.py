@@ -24,13 +24,14 @@ TINY_DATA = [
 ]
 
 
-def compose(overrides: list[str] | None = None):
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
     """The project config as run.py would compose it (without Hydra's runtime)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=list(overrides or []),
+                             return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from v4lab.model import ModelConfig
 from v4lab.modules.args import ConfigError, require, require_choice, require_positive
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -54,7 +55,15 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """Optimisation and the Lightning Trainer. Steps count optimizer steps."""
+    """Optimisation and the Lightning Trainer. Steps count optimizer steps.
+
+    ``batch_size`` is the global batch (sequences per optimizer step, summed over every
+    process), so an experiment means the same thing on 1 device or 16: each of the
+    ``devices * num_nodes`` processes takes ``batch_size / (devices * num_nodes)``.
+    strategy: ``auto`` (one process), ``ddp`` (one process per device, gradients
+    all-reduced; with ``accelerator=cpu`` the processes talk over gloo) or ``fsdp``
+    (parameters, gradients and optimizer state sharded over the processes).
+    """
 
     max_steps: int = 300
     batch_size: int = 8
@@ -69,6 +78,8 @@ class TrainerConfig:
     precision: str = "auto"
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
     val_every_n_steps: int = 100
     val_batches: int = 8
     test_batches: int = 8
@@ -78,7 +89,7 @@ class TrainerConfig:
 
     def validate(self, path: str = "trainer") -> None:
         for key in ("max_steps", "batch_size", "seq_len", "val_every_n_steps", "val_batches",
-                    "test_batches", "checkpoint_every_n_steps", "log_every_n_steps", "devices"):
+                    "test_batches", "checkpoint_every_n_steps", "log_every_n_steps", "devices", "num_nodes"):
             require_positive(f"{path}.{key}", getattr(self, key))
         require(self.lr > 0, f"{path}.lr", self.lr, "> 0")
         require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", self.min_lr_ratio,
@@ -93,6 +104,43 @@ class TrainerConfig:
         require_choice(f"{path}.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda"))
         require(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
                 ">= 0 (0 = torch's default)")
+        require_choice(f"{path}.strategy", self.strategy, STRATEGIES)
+        world = self.world_size
+        require(self.strategy != "auto" or world == 1, f"{path}.strategy", self.strategy,
+                f"'ddp' or 'fsdp' for devices * num_nodes = {world} processes "
+                "(trainer=ddp, trainer=fsdp or trainer=ddp_cpu)")
+        require(self.batch_size % world == 0, f"{path}.batch_size", self.batch_size,
+                f"a multiple of devices * num_nodes = {world} (it is the global batch, "
+                "split evenly over the processes)")
+        require(self.strategy != "fsdp" or self.accelerator in ("gpu", "cuda"),
+                f"{path}.strategy", self.strategy,
+                f"'ddp' with {path}.accelerator={self.accelerator!r} (fsdp shards over GPUs; "
+                "use trainer=ddp_cpu for several CPU processes)")
+
+    @property
+    def world_size(self) -> int:
+        """Processes taking part in one optimizer step."""
+        return self.devices * self.num_nodes
+
+    def check_hardware(self, path: str = "trainer") -> None:
+        """Fail early (before any data or model is built) when the machine cannot run this."""
+        import torch
+
+        wants_gpu = self.accelerator in ("gpu", "cuda")
+        if wants_gpu and not torch.cuda.is_available():
+            if self.strategy in ("ddp", "fsdp"):
+                raise ConfigError(
+                    f"{path}.strategy={self.strategy!r} with {path}.accelerator="
+                    f"{self.accelerator!r} needs CUDA GPUs and this machine has none: use "
+                    "trainer=ddp_cpu for several processes on the CPU (gloo), or run on a GPU "
+                    "node (hydra/launcher=slurm)")
+            raise ConfigError(
+                f"{path}.accelerator={self.accelerator!r} is not allowed on this machine: it "
+                "has no CUDA GPU; use trainer=cpu (or trainer.accelerator=cpu)")
+        if wants_gpu and self.devices > torch.cuda.device_count():
+            raise ConfigError(
+                f"{path}.devices={self.devices} is not allowed: this node has "
+                f"{torch.cuda.device_count()} CUDA GPUs")
 
 
 @dataclass
@@ -133,6 +181,15 @@ class RunConfig:
         require(self.model.vocab_size == self.data.vocab_size, "model.vocab_size",
                 self.model.vocab_size, f"equal to data.vocab_size={self.data.vocab_size}")
         return self
+
+
+def _gpus_per_node(accelerator: str, devices: int) -> int:
+    """``${v4lab.gpus_per_node:${trainer.accelerator},${trainer.devices}}`` in
+    conf/hydra/launcher/slurm.yaml: a CPU trainer asks SLURM for no GPU."""
+    return 0 if str(accelerator) == "cpu" else int(devices)
+
+
+OmegaConf.register_new_resolver("v4lab.gpus_per_node", _gpus_per_node, replace=True)
 
 
 def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:

@@ -58,11 +58,19 @@ class LitLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss_sum, counts, ctx = self._forward(batch)
         loss = loss_sum / counts[0].clamp(min=1)
-        total = loss + sum(ctx.aux_losses.values(), torch.zeros((), device=loss.device))
+        objective = loss
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # DDP averages gradients over ranks; scaling by world / (scored tokens on all
+            # ranks) makes that average the gradient of the global batch's per-token mean,
+            # exactly what one process computes from the same batch.
+            scored = self.trainer.strategy.reduce(counts[0].float(), reduce_op="sum")
+            objective = loss_sum * world / scored.clamp(min=1)
+        total = objective + sum(ctx.aux_losses.values(), torch.zeros((), device=loss.device))
         if not torch.isfinite(total):
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss)}; total with auxiliary losses "
-                f"{float(total)}) at step {self.global_step}: stopping. The last good "
+                f"non-finite training loss ({loss.item()}; total with auxiliary losses "
+                f"{total.item()}) at step {self.global_step}: stopping. The last good "
                 "checkpoint is kept; lower trainer.lr or check the data.")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -81,8 +89,12 @@ class LitLM(L.LightningModule):
                 f"{', ...' if len(bad) > 3 else ''}): not saving; the last good checkpoint "
                 "is kept. Lower trainer.lr or check the data.")
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.model.on_train_step_end()  # after the optimizer step (automatic optimization)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step, then the pieces' running state (MoE's bias). Here rather than in
+        on_train_batch_end: ModelCheckpoint saves in its own on_train_batch_end, which runs
+        first, so a checkpoint would miss that step's update and a resumed run diverge."""
+        super().optimizer_step(*args, **kwargs)
+        self.model.on_train_step_end()
 
     def _eval_step(self, batch: torch.Tensor, split: str) -> None:
         loss_sum, counts, ctx = self._forward(batch)
@@ -93,7 +105,10 @@ class LitLM(L.LightningModule):
             self.log(f"{split}/{name}", value, on_epoch=True, on_step=False)
 
     def _eval_end(self, split: str) -> None:
-        acc = self._eval_sums.pop(split)
+        # A rank that drew no windows (more ranks than windows) still joins the all_gather.
+        acc = self._eval_sums.pop(split, None)
+        if acc is None:
+            acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         acc = self.all_gather(acc).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else acc
         loss_sum, tokens, nbytes = acc.tolist()
         self.log(f"{split}/loss", loss_sum / max(tokens, 1), sync_dist=False)

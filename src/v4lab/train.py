@@ -3,6 +3,10 @@
 Called by ``run.py`` (Hydra) with the composed config and Hydra's run directory; tests
 call :func:`train` directly. Rerunning with the same run directory resumes from
 ``checkpoints/last.ckpt``.
+
+With several processes (``trainer.strategy=ddp|fsdp``) every rank runs this function;
+only rank 0 writes config.yaml, metrics.json and checkpoints and opens the W&B run (see
+:mod:`v4lab.distributed`, which also starts the extra local processes).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from v4lab import chips, tracking
+from v4lab import chips, distributed, tracking
 from v4lab.config import RunConfig, load_run_config
 from v4lab.data.canonical import build_canonical_ids
 from v4lab.data.datamodule import CorpusDataModule
@@ -93,6 +97,8 @@ class PlainProgress(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         if step % self.every == 0 or step == trainer.max_steps:
             loss = trainer.callback_metrics.get("train/loss")
             tps = self.throughput.tokens_per_s
@@ -101,7 +107,7 @@ class PlainProgress(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
-        if "val/loss" in m and not trainer.sanity_checking:
+        if "val/loss" in m and not trainer.sanity_checking and trainer.is_global_zero:
             print(f"step {trainer.global_step}  val/loss {float(m['val/loss']):.4f}  "
                   f"val/bpb {float(m['val/bpb']):.4f}", flush=True)
 
@@ -137,6 +143,8 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
 
     model = lit.model
     was_training = model.training
+    # Training forwards update running state (MoE's load count); leave it as it was found.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.eval()
     with torch.no_grad():
         caches = model.new_caches(1, 4)
@@ -148,6 +156,9 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
         model(x).float().logsumexp(-1).mean().backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     return {
         "cost/params_total": float(model.num_params()),
         "cost/params_active": float(model.num_active_params()),
@@ -163,22 +174,31 @@ def _quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*on_train_batch_end.*",
                     ".*Checkpoint directory.*exists and is not empty.*",
                     ".*`training_step` returned `None`.*", ".*LeafSpec.*",
-                    ".*your dataloader is not resumable.*"):
+                    ".*your dataloader is not resumable.*",
+                    # val/test loss and bpb are summed over ranks (all_gather) before logging
+                    ".*sync_dist=True.*when logging on epoch level in distributed.*",
+                    ".*all_gather is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
 def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
           extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Run one experiment end to end; returns the metrics written to ``metrics.json``."""
+    """Run one experiment end to end; returns the metrics written to ``metrics.json``
+    (by rank 0; other ranks of a multi-process run return them without writing)."""
     run_cfg = cfg if isinstance(cfg, RunConfig) else load_run_config(cfg)
+    t = run_cfg.trainer
+    t.check_hardware()
+    rank_zero = distributed.is_rank_zero()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = asdict(run_cfg)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+    if rank_zero:  # also what the extra local DDP processes start from
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     _quiet_lightning()
-    t = run_cfg.trainer
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+        if t.world_size > 1:  # or Lightning sets cpu_count / processes threads per process
+            os.environ.setdefault("OMP_NUM_THREADS", str(t.num_threads))
     L.seed_everything(run_cfg.seed, workers=True, verbose=False)
 
     folder = prepare(run_cfg.data)
@@ -195,7 +215,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     chip_figures = chips.chip_metrics(run_cfg.chip, run_cfg.model,
                                       presets={"v3_671b": chips.load_model_preset("v3_671b")})
     lit = LitLM(model_cfg, t, token_bytes)
-    costs = measure_costs(lit, t.seq_len)
+    costs = measure_costs(lit, t.seq_len) if rank_zero else {}
     if model_cfg.engram.enabled:  # Engram hashes canonical ids of the trained vocabulary
         canonical, ratio = build_canonical_ids(tokenizer)
         lit.model.set_canonical_ids(canonical)
@@ -211,16 +231,20 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         RichProgressBar() if interactive else PlainProgress(t.log_every_n_steps, throughput),
         *(extra_callbacks or []),
     ]
+    # Lightning's WandbLogger opens its run on rank 0 only (the other ranks get a no-op).
     logger = tracking.make_logger(run_cfg, run_dir, config_dict)
+    strategy = distributed.make_strategy(t, run_dir)
+    ok = False
     try:
         trainer = L.Trainer(
             max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
+            num_nodes=t.num_nodes, strategy=strategy, use_distributed_sampler=False,
             precision=resolve_precision(t.precision, matmul_dtype), gradient_clip_val=t.grad_clip or None,
             val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None,
             num_sanity_val_steps=0, logger=logger if logger is not None else False,
             callbacks=callbacks, enable_progress_bar=interactive, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, deterministic=True,
-            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO(), *distributed.cluster_plugins()],
         )
         last = run_dir / "checkpoints" / "last.ckpt"
         t0 = time.perf_counter()
@@ -246,13 +270,18 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         }
         for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
             metrics.setdefault(key, float(value))
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        if logger is not None:
-            logger.experiment.summary.update({k: v for k, v in metrics.items()})
-        report(metrics, run_dir, run_cfg)
+        if trainer.world_size > 1:  # the processes that took part (the gloo/NCCL group's size)
+            metrics |= {"train/processes": int(trainer.world_size), "train/strategy": t.strategy}
+        if trainer.is_global_zero:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            if logger is not None:
+                logger.experiment.summary.update({k: v for k, v in metrics.items()})
+            report(metrics, run_dir, run_cfg)
+        ok = True
         return metrics
     finally:
         tracking.finish()
+        distributed.finish_launch(strategy, ok)
 
 
 def report(metrics: dict[str, Any], run_dir: Path, cfg: RunConfig) -> None:

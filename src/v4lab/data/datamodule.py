@@ -7,6 +7,13 @@ already consumed, which the module saves in every checkpoint, so a resumed run s
 exactly the batches an uninterrupted run would have seen.
 
 Validation and test use fixed windows spread evenly over their shards.
+
+Several processes (DDP/FSDP): ``batch_size`` is the global batch. Optimizer step ``s``
+consumes samples ``[s * batch_size, (s + 1) * batch_size)`` whatever the number of
+processes; rank ``r`` of ``w`` takes the ``r``-th contiguous slice of ``batch_size / w``
+of them, so the union over ranks is exactly the single-process batch. Evaluation windows
+are dealt round-robin (rank ``r`` takes windows ``r, r + w, ...``) and the LightningModule
+sums loss and byte counts over ranks, so val/test figures cover the same windows.
 """
 
 from __future__ import annotations
@@ -65,21 +72,31 @@ class FixedWindows(Dataset):
 
 
 class ResumableSampler(Sampler[int]):
-    """Yields start, start+1, ..., n-1: the samples a resumed run has not consumed yet.
+    """This rank's share of samples ``start, start+1, ..., n-1`` (the ones a resumed run has
+    not consumed yet), in global batches of ``batch_size``: from each, rank ``rank`` of
+    ``world`` takes the contiguous slice ``[rank * b/world, (rank + 1) * b/world)``.
+    With one process it yields start, ..., n-1.
 
-    ``len`` stays ``n``: Lightning restores its own count of batches already seen in the
-    epoch and adds the ones it draws now, so the epoch must keep its full length or
-    Lightning would end it early and start the loader over.
+    ``len`` stays this rank's share of all ``n``: Lightning restores its own count of
+    batches already seen in the epoch and adds the ones it draws now, so the epoch must
+    keep its full length or Lightning would end it early and start the loader over.
     """
 
-    def __init__(self, n: int, start: int = 0) -> None:
-        self.n, self.start = n, start
+    def __init__(self, n: int, start: int = 0, batch_size: int = 1, rank: int = 0,
+                 world: int = 1) -> None:
+        if batch_size % world or n % batch_size or start % batch_size:
+            raise ValueError(f"batch_size={batch_size} must divide into world={world} ranks "
+                             f"and into n={n} and start={start}")
+        self.n, self.start, self.batch_size, self.rank, self.world = n, start, batch_size, rank, world
 
     def __iter__(self):
-        return iter(range(self.start, self.n))
+        per_rank = self.batch_size // self.world
+        for first in range(self.start, self.n, self.batch_size):
+            lo = first + self.rank * per_rank
+            yield from range(lo, lo + per_rank)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
 
 class CorpusDataModule(L.LightningDataModule):
@@ -97,19 +114,28 @@ class CorpusDataModule(L.LightningDataModule):
     def shard(self, split: str) -> np.ndarray:
         return np.memmap(self.folder / f"{split}.bin", dtype=np.uint16, mode="r")
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         ds = TrainWindows(self.shard("train"), self.seq_len, self.max_steps * self.batch_size,
                           self.seed)
-        return DataLoader(ds, batch_size=self.batch_size,
-                          sampler=ResumableSampler(len(ds), self.samples_consumed))
+        rank, world = self._rank_world()
+        sampler = ResumableSampler(len(ds), self.samples_consumed, self.batch_size, rank, world)
+        return DataLoader(ds, batch_size=self.batch_size // world, sampler=sampler)
+
+    def _eval_loader(self, split: str, batches: int) -> DataLoader:
+        ds = FixedWindows(self.shard(split), self.seq_len, batches * self.batch_size)
+        rank, world = self._rank_world()
+        return DataLoader(ds, batch_size=self.batch_size // world,
+                          sampler=list(range(rank, len(ds), world)))
 
     def val_dataloader(self) -> DataLoader:
-        ds = FixedWindows(self.shard("val"), self.seq_len, self.val_batches * self.batch_size)
-        return DataLoader(ds, batch_size=self.batch_size)
+        return self._eval_loader("val", self.val_batches)
 
     def test_dataloader(self) -> DataLoader:
-        ds = FixedWindows(self.shard("test"), self.seq_len, self.test_batches * self.batch_size)
-        return DataLoader(ds, batch_size=self.batch_size)
+        return self._eval_loader("test", self.test_batches)
 
     # Saved in every checkpoint: how many training samples the run has consumed.
     def state_dict(self) -> dict:

@@ -16,6 +16,8 @@ Preparation is idempotent (a prepared folder whose manifest matches is reused) a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -185,9 +187,27 @@ def unigram_bpb(train: np.ndarray, evaluate: np.ndarray, token_bytes: np.ndarray
     return float(-logp[ids[scored]].sum() / token_bytes[ids[scored]].sum())
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (parallel runs and DDP ranks that need the
+    same corpus prepare it once: the others wait, then find it ready)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
     """Prepare the corpus described by ``cfg`` (idempotent); returns its folder."""
     out = prepared_dir(cfg)
+    with _exclusive(out.parent / f".{out.name}.lock"):
+        return _prepare_locked(cfg, out, force, log)
+
+
+def _prepare_locked(cfg: DataConfig, out: Path, force: bool, log) -> Path:
     if not force:
         try:
             verify(out)

@@ -229,7 +229,12 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def on_train_step_end(self) -> None:
-        """After an optimizer step: b_i += rate * sign(mean load - load_i); reset the count."""
+        """After an optimizer step: b_i += rate * sign(mean load - load_i); reset the count.
+
+        With several processes (DDP/FSDP) the load is summed over ranks first: the bias
+        follows the global batch's load, and every rank applies the same update."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.load)
         if self.bias_update_rate > 0 and self.load.sum() > 0:
             self.gate.bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
