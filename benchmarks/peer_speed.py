@@ -35,6 +35,7 @@ import copy
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -334,6 +335,14 @@ def _categorise(p) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
     return total, cats, top
 
 
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_flops,
                  dec_flops, hf_dec_flops, tf_version, prof) -> None:
     r, dr, h = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
@@ -342,7 +351,8 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         "# v4lab vs transformers' DeepseekV3ForCausalLM: speed side by side",
         "",
         "Command: `PYTHONPATH=src python3 benchmarks/peer_speed.py "
-        f"--threads {a.threads} --repeats {a.repeats} --decode-repeats {a.decode_repeats}`",
+        f"--threads {a.threads} --repeats {a.repeats} --decode-repeats {a.decode_repeats}` "
+        f"(code at git {git_rev()})",
         "",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"{platform.platform()}; torch {torch.__version__}, transformers {tf_version}, "
