@@ -194,14 +194,14 @@ def summarize(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]]) -> pl.
 
 
 def fmt(v: float) -> str:
-    """Four decimals for figures of order one, thousands separators for counts."""
+    """Four decimals (scientific below 1e-3), thousands separators for counts."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    if abs(v) >= 1e4:
+    if abs(v) >= 1e4 or (abs(v) >= 100 and float(v).is_integer()):
         return f"{v:,.0f}"
-    if abs(v) >= 1 or v == 0:
+    if abs(v) >= 1e-3 or v == 0:
         return f"{v:.4f}"
-    return f"{v:.4g}"
+    return f"{v:.3e}"
 
 
 def markdown_table(study: Study, table: pl.DataFrame) -> str:
@@ -211,21 +211,22 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
         header += [metric] if metric in table.columns else [metric, f"Δ {metric}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.iter_rows(named=True):
-        name = f"**{row['experiment']}** (baseline)" if row["experiment"] == study.baseline else row["experiment"]
+        name = row["experiment"]
+        name = f"**{name}** (baseline)" if name == study.baseline else name
         cells = [name, str(row["n"])]
         for metric in study.metrics:
             if metric in table.columns:
                 cells.append(str(row[metric]))
                 continue
             ci = row[f"{metric} ci95"]
-            cells.append(fmt(row[f"{metric} mean"]) + (f" ± {fmt(ci)}" if not math.isnan(ci) else " (n=1)"))
+            cells.append(fmt(row[f"{metric} mean"]) + f" ± {fmt(ci)}")
             if row["experiment"] == study.baseline:
                 cells.append("—")
             else:
                 p, sig = row[f"{metric} p"], row[f"{metric} significant"]
                 sign = "+" if row[f"{metric} delta"] > 0 else ""
-                cells.append(f"{sign}{fmt(row[f'{metric} delta'])} (p={'n/a' if math.isnan(p) else f'{p:.3g}'})"
-                             + (" *" if sig else ""))
+                p_text = "n/a" if math.isnan(p) else f"{p:.3g}"
+                cells.append(f"{sign}{fmt(row[f'{metric} delta'])} (p={p_text})" + (" *" if sig else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,7 +241,7 @@ def _label(metric: str) -> str:
 
 def _curves(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]]) -> pl.DataFrame | None:
     frames = []
-    for name, (folder, m) in runs.items():
+    for folder, m in runs.values():
         path = folder / "curves.csv"
         if path.is_file():
             try:
@@ -261,6 +262,7 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     sns.set_theme(style="whitegrid", context="paper")
     order = study.experiments
@@ -277,7 +279,8 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
         cols = [c for c in ("train/loss", "val/bpb") if c in curves.columns]
         fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
         for ax, col in zip(axes[0], cols):
-            d = curves.filter(pl.col(col).is_not_null()).select("step", col, "experiment", "seed").to_pandas()
+            d = curves.filter(pl.col(col).is_not_null()).select("step", col, "experiment", "seed")
+            d = d.to_dict(as_series=False)
             sns.lineplot(d, x="step", y=col, hue="experiment", hue_order=order, palette=palette,
                          errorbar=("ci", 95) if len(study.seeds) > 1 else None, marker="o",
                          markersize=3, ax=ax, legend=ax is axes[0][-1])
@@ -299,16 +302,18 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
                            **{c: float(m[c]) for c in costs}} for m in records])
         agg = d.group_by("experiment", maintain_order=True).agg(
             pl.col(quality).mean().alias("q"), pl.col(quality).std().alias("sd"), pl.len().alias("n"),
-            *[pl.col(c).mean() for c in costs]).to_pandas()
+            *[pl.col(c).mean() for c in costs])
         fig, axes = plt.subplots(1, len(costs), figsize=(4.6 * len(costs), 3.8), squeeze=False)
         for ax, c in zip(axes[0], costs):
-            for _, r in agg.iterrows():
+            for r in agg.iter_rows(named=True):
                 err = mean_ci(d.filter(pl.col("experiment") == r["experiment"])[quality].to_list())[1]
                 ax.errorbar(r[c], r["q"], yerr=None if math.isnan(err) else err, fmt="o", capsize=3,
                             color=palette[r["experiment"]], label=r["experiment"])
             lo, hi = agg[c].min(), agg[c].max()
             if lo > 0 and hi / lo > 20:
                 ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.xaxis.set_major_locator(MaxNLocator(5))
             ax.set(xlabel=_label(c), ylabel=_label(quality), title=f"{quality} vs {c.split('/', 1)[1]}")
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, title="experiment", loc="upper left", bbox_to_anchor=(1.0, 0.95))
@@ -317,7 +322,8 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
         save(fig, "cost_vs_quality.png", f"Cost vs quality: {quality} against each cost figure, "
              "one point per experiment (mean over seeds, 95% CI)")
 
-    tasks = sorted({k for m in records for k in m if k.startswith("task/") and k.endswith("/acc") and "@" in k})
+    tasks = sorted({k for m in records for k in m
+                    if k.startswith("task/") and k.endswith("/acc") and "@" in k})
     if tasks:
         rows = []
         for m in records:
@@ -326,22 +332,24 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
                     task, ctx = k[len("task/"):-len("/acc")].rsplit("@", 1)
                     rows.append({"experiment": m["experiment"], "seed": m["seed"], "task": task,
                                  "context": int(ctx), "accuracy": float(m[k])})
-        d = pl.DataFrame(rows).to_pandas()
+        d = pl.DataFrame(rows).to_dict(as_series=False)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=order, palette=palette,
                      style="task", marker="o", errorbar=("ci", 95) if len(study.seeds) > 1 else None, ax=ax)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)", ylim=(-0.02, 1.02),
-               title=f"{study.name}: accuracy vs context length")
+        ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
+               ylim=(-0.02, 1.02), title=f"{study.name}: accuracy vs context length")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
         save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length")
 
     proj = [k for k in ("chip/v3_671b/proj_train_tokens_per_s", "chip/v3_671b/proj_decode_tokens_per_s@32768",
-                        "chip/v3_671b/proj_decode_tokens_per_s@131072") if all(_is_number(m.get(k)) for m in records)]
+                        "chip/v3_671b/proj_decode_tokens_per_s@131072")
+            if all(_is_number(m.get(k)) for m in records)]
     if proj and len({m.get("chip/name") for m in records}) > 1:
         rows = [{"chip": f"{m.get('chip/name')} ({m['experiment']})", "figure": k.split("proj_", 1)[1],
-                 "tokens/s per device": float(m[k])} for m in records if m["seed"] == study.seeds[0] for k in proj]
-        d = pl.DataFrame(rows).to_pandas()
+                 "tokens/s per device": float(m[k])}
+                for m in records if m["seed"] == study.seeds[0] for k in proj]
+        d = pl.DataFrame(rows).to_dict(as_series=False)
         fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(study.experiments) + 2.2))
         sns.barplot(d, y="chip", x="tokens/s per device", hue="figure", ax=ax, orient="h")
         ax.set_xscale("log")
@@ -454,7 +462,8 @@ def _provenance_lines(prov: dict[str, Any]) -> list[str]:
         f"report at `{prov['report_git_rev'][:12]}`",
         f"- data: {', '.join(f'`{m}`' for m in prov['data_manifests']) or 'n/a'} "
         f"(corpus sha256 {', '.join(c[:12] for c in prov['corpus_sha256'])})",
-        f"- time: {prov['train_seconds_total']:,} s of training in total, report in {prov['report_seconds']} s",
+        f"- time: {prov['train_seconds_total']:,} s in trainer.fit over all runs, "
+        f"report in {prov['report_seconds']} s",
         f"- rebuild: `dvc repro {prov['study']}`; compare: `python -m v4lab.report check {prov['study']}`",
     ]
 
@@ -502,8 +511,8 @@ def log_to_wandb(study: Study, table: pl.DataFrame, reports: Path) -> None:
                      dir=str(logs), mode=mode if mode in ("online", "offline") else "offline",
                      config={"study": asdict(study)})
     try:
-        df = table.to_pandas()
-        run.log({f"{study.name}/table": wandb.Table(dataframe=df)})
+        rows = [[None if isinstance(v, float) and math.isnan(v) else v for v in r] for r in table.rows()]
+        run.log({f"{study.name}/table": wandb.Table(columns=table.columns, data=rows)})
         for png in sorted((reports / "figures" / study.name).glob("*.png")):
             run.log({f"{study.name}/{png.stem}": wandb.Image(str(png))})
     finally:
@@ -662,7 +671,7 @@ def dvc_stages(root: Path) -> dict[str, Any]:
         "train": {"foreach": runs, "do": {
             "cmd": "python run.py +experiment=${item.experiment} seed=${item.seed} study=${item.study} "
                    "${item.overrides}",
-            "deps": [f"conf/experiment/${{item.experiment}}.yaml", *train_deps, "${item.data}"],
+            "deps": ["conf/experiment/${item.experiment}.yaml", *train_deps, "${item.data}"],
             "outs": [f"outputs/${{item.study}}/${{item.experiment}}-s${{item.seed}}/{f}"
                      for f in ("config.yaml", "checkpoints")],
             "metrics": ["outputs/${item.study}/${item.experiment}-s${item.seed}/metrics.json"],

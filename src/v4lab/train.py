@@ -146,7 +146,8 @@ class CurveLog(Callback):
         lines = [",".join(CURVE_COLUMNS)]
         for step in sorted(self.rows):
             row = self.rows[step]
-            lines.append(",".join([str(step)] + [repr(row[c]) if c in row else "" for c in CURVE_COLUMNS[1:]]))
+            cells = [repr(row[c]) if c in row else "" for c in CURVE_COLUMNS[1:]]
+            lines.append(",".join([str(step), *cells]))
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
