@@ -159,15 +159,20 @@ def test_check_prints_every_moved_cell(tmp_path):
 # --- DVC ----------------------------------------------------------------------------------------
 
 
-def test_committed_dvc_yaml_is_generated_from_the_studies():
-    assert (ROOT / "dvc.yaml").read_text() == report.dvc_yaml_text(ROOT), \
-        "dvc.yaml is stale: run python -m v4lab.report dvc-yaml"
+@pytest.fixture(scope="module")
+def stages() -> dict:
+    return report.dvc_stages(ROOT)
+
+
+def test_committed_dvc_yaml_is_generated_from_the_studies(stages):
+    assert (ROOT / "dvc.yaml").read_text() == report.DVC_HEADER + yaml.safe_dump(
+        stages, sort_keys=False, width=1000), "dvc.yaml is stale: run python -m v4lab.report dvc-yaml"
     cfg = (ROOT / ".dvc" / "config").read_text()
     assert "analytics = false" in cfg and "check_update = false" in cfg
 
 
-def test_smoke_data_override_reaches_prepare_and_runs():
-    stages = report.dvc_stages(ROOT)["stages"]
+def test_smoke_data_override_reaches_prepare_and_runs(stages):
+    stages = stages["stages"]
     runs = {k: v for k, v in stages["train"]["foreach"].items() if v["study"] == "smoke"}
     (folder,) = {v["data"] for v in runs.values()}
     args = stages["prepare"]["foreach"][Path(folder).name]["args"]

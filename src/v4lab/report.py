@@ -661,15 +661,16 @@ def _data_args(data_cfg: Any) -> list[str]:
             for k, v in asdict(data_cfg).items() if v != default[k]]
 
 
-def _compose(root: Path, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def dvc_stages(root: Path) -> dict[str, Any]:
     """The pipeline of every study in experiments/ as a dvc.yaml mapping."""
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        return _dvc_stages(root)
+
+
+def _dvc_stages(root: Path) -> dict[str, Any]:
+    from hydra import compose
     from omegaconf import OmegaConf
 
     from v4lab.config import DataConfig
@@ -683,7 +684,8 @@ def dvc_stages(root: Path) -> dict[str, Any]:
         study = load_study(name, root)
         run_files = []
         for e in study.experiments:
-            cfg = _compose(root, [f"+experiment={e}", f"study={name}", *study.overrides])
+            cfg = compose(config_name="config",
+                          overrides=[f"+experiment={e}", f"study={name}", *study.overrides])
             data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
             folder = prepared_dir(data_cfg)
             if folder.is_absolute() or ".." in folder.parts:
