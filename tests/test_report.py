@@ -113,6 +113,8 @@ def test_build_publishes_table_figures_and_index(tmp_path, monkeypatch):
     assert figs == ["accuracy_vs_context.png", "chip_projections.png", "cost_vs_quality.png",
                     "learning_curves.png"]
     assert all((reports / "figures" / "mini" / f).stat().st_size > 10_000 for f in figs)
+    assert pl.read_csv(reports / "figures" / "mini" / "context_length.csv").columns == [
+        "experiment", "seed", "task", "context", "accuracy"]
     index = (reports / "README.md").read_text()
     assert "## [mini](mini.md)" in index and "figures/mini/learning_curves.png" in index
     csv = pl.read_csv(reports / "mini.csv")

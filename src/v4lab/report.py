@@ -332,6 +332,7 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
                     task, ctx = k[len("task/"):-len("/acc")].rsplit("@", 1)
                     rows.append({"experiment": m["experiment"], "seed": m["seed"], "task": task,
                                  "context": int(ctx), "accuracy": float(m[k])})
+        pl.DataFrame(rows).write_csv(out / "context_length.csv")  # also a DVC plot (dvc.yaml)
         d = pl.DataFrame(rows).to_dict(as_series=False)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=order, palette=palette,
@@ -420,7 +421,7 @@ def build(study: Study, root: Path, reports: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_index(root, reports)
-    log_to_wandb(study, table, reports)
+    log_to_wandb(study, table, reports, root)
     return reports / f"{study.name}.md"
 
 
@@ -496,7 +497,7 @@ def write_index(root: Path, reports: Path | None = None) -> Path:
 # --- W&B ------------------------------------------------------------------------------------
 
 
-def log_to_wandb(study: Study, table: pl.DataFrame, reports: Path) -> None:
+def log_to_wandb(study: Study, table: pl.DataFrame, reports: Path, root: Path) -> None:
     """Log the table (wandb.Table) and figures (wandb.Image) as a ``report`` job of the study's
     group; online with wandb-workspaces installed, also save a workspace for the group."""
     mode = os.environ.get("WANDB_MODE", "offline")
@@ -505,7 +506,7 @@ def log_to_wandb(study: Study, table: pl.DataFrame, reports: Path) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    logs = find_root(reports) / "logs"
+    logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project="v4lab", group=study.name, job_type="report", name=f"report-{study.name}",
                      dir=str(logs), mode=mode if mode in ("online", "offline") else "offline",
@@ -682,6 +683,10 @@ def _dvc_stages(root: Path) -> dict[str, Any]:
     train_deps = _train_deps(root)
     for name in available_studies(root):
         study = load_study(name, root)
+        for o in study.overrides:
+            if o.lstrip("+~").startswith(("hydra.run", "hydra.sweep", "logger.dir")):
+                raise ReportError(f"experiments/{name}.yaml: overrides contains {o!r}, which is not allowed "
+                                  "in a DVC study: runs write outputs/<study>/<experiment>-s<seed>/")
         run_files = []
         for e in study.experiments:
             cfg = compose(config_name="config",
@@ -735,6 +740,10 @@ def _dvc_stages(root: Path) -> dict[str, Any]:
         plots.append({f"{name}: validation bits per byte": {
             "x": "step", "y": {f: "val/bpb" for f in files}, "x_label": "training step",
             "y_label": "val/bpb (bits/byte)", "template": "linear"}})
+        if any(m.startswith("task/") for m in load_study(name, root).metrics):
+            plots.append({f"{name}: accuracy vs context length": {
+                "x": "context", "y": {f"reports/figures/{name}/context_length.csv": "accuracy"},
+                "x_label": "context length (tokens)", "y_label": "task accuracy", "template": "scatter"}})
     return {"stages": stages, "plots": plots}
 
 
