@@ -525,7 +525,7 @@ def log_to_wandb(study: Study, table: pl.DataFrame, reports: Path, root: Path) -
     try:
         urls = save_dashboards(study, run.entity, logs / "wandb_dashboards.json")
     except ImportError:
-        print("wandb-workspaces is not installed: `pip install wandb-workspaces` to also save a "
+        print("wandb-workspaces is not installed: `pip install -e .[dashboards]` to also save a "
               f"workspace and a report for group {study.name!r}", flush=True)
         return
     print(f"W&B dashboards for {study.name}: {urls['workspace']} {urls['report']}", flush=True)
