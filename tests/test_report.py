@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from v4lab import report
+from v4lab.modules.args import ConfigError
 from v4lab.report import ReportError, build, compare, mean_ci, summarize, welch_p
 from v4lab.studies import load_study
 
@@ -225,3 +226,20 @@ def test_dvc_repro_smoke_end_to_end(tmp_path):
     out, _ = _repro(repo, "smoke")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@smoke-mha-s0", "smoke"}, out
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"experiments": ["baseline", "nope"]}, r"bad.yaml: experiments contains 'nope', which does not exist"),
+    ({"seeds": [0, 0]}, r"bad.yaml: seeds lists \[0\] more than once"),
+    ({"overrides": ["hydra.run.dir=elsewhere"]}, r"bad.yaml: overrides contains 'hydra.run.dir=elsewhere'"),
+])
+def test_dvc_yaml_refuses_a_bad_study(tmp_path, change, message):
+    (tmp_path / "run.py").write_text("")
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    (tmp_path / "src" / "v4lab").mkdir(parents=True)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "bad.yaml").write_text(yaml.safe_dump({
+        "name": "bad", "experiments": ["baseline"], "seeds": [0], "baseline": "baseline",
+        "metrics": ["val/bpb"], **change}))
+    with pytest.raises(ConfigError, match=message):
+        report.dvc_stages(tmp_path)
