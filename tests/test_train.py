@@ -68,7 +68,7 @@ class Crash(Callback):
 
 
 def test_kill_and_resume_gives_the_same_final_metrics(first_run, tmp_path, smoke_overrides):
-    _, metrics = first_run
+    first_dir, metrics = first_run
     cfg = compose(["+experiment=baseline", *smoke_overrides])
     run_dir = tmp_path / "resumed"
     # Lightning turns KeyboardInterrupt into a graceful stop; the run ends early, unfinished.
@@ -80,6 +80,11 @@ def test_kill_and_resume_gives_the_same_final_metrics(first_run, tmp_path, smoke
     assert resumed["train/steps"] == 12
     assert resumed["val/loss"] == metrics["val/loss"]
     assert _values(resumed) == _values(metrics)
+    # the learning curve travels in the checkpoint: the resumed run writes the whole curve
+    curve = (first_dir / "curves.csv").read_text()
+    assert curve.startswith("step,train/loss,val/loss,val/bpb\n5,")
+    assert curve.count("\n") == 5  # header + steps 5, 6, 10, 12
+    assert (run_dir / "curves.csv").read_text() == curve
 
 
 class Poison(Callback):

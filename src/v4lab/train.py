@@ -112,6 +112,51 @@ class PlainProgress(Callback):
                   f"val/bpb {float(m['val/bpb']):.4f}", flush=True)
 
 
+CURVE_COLUMNS = ("step", "train/loss", "val/loss", "val/bpb")
+
+
+class CurveLog(Callback):
+    """Learning curves for reports and DVC plots: ``curves.csv`` (step, train/loss every
+    ``every`` steps, val/loss and val/bpb at each validation) in the run directory.
+
+    The history travels in the checkpoint (``state_dict``), so a resumed run writes the
+    whole curve; the file is rewritten atomically at the end of fit (rank 0 only).
+    """
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = path, every
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and (step % self.every == 0 or step == trainer.max_steps):
+            self.rows.setdefault(step, {})["train/loss"] = float(loss)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        m = trainer.callback_metrics
+        if trainer.sanity_checking or "val/loss" not in m or trainer.state.fn != "fit":
+            return
+        row = self.rows.setdefault(trainer.global_step, {})
+        row.update({"val/loss": float(m["val/loss"]), "val/bpb": float(m["val/bpb"])})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        lines = [",".join(CURVE_COLUMNS)]
+        for step in sorted(self.rows):
+            row = self.rows[step]
+            cells = [repr(row[c]) if c in row else "" for c in CURVE_COLUMNS[1:]]
+            lines.append(",".join([str(step), *cells]))
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": {int(k): dict(v) for k, v in self.rows.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = {int(k): dict(v) for k, v in state_dict.get("rows", {}).items()}
+
+
 def resolve_precision(precision: str, matmul_dtype: str) -> str:
     """'auto' runs the target chip's matmul dtype (``chip.matmul_dtype``: fp32 for this
     CPU host, bf16 for the accelerators; fp8/int8 products are emulated in bf16)."""
@@ -229,6 +274,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                         save_last=True, save_top_k=0),
         throughput,
         RichProgressBar() if interactive else PlainProgress(t.log_every_n_steps, throughput),
+        CurveLog(run_dir / "curves.csv", t.log_every_n_steps),
         *(extra_callbacks or []),
     ]
     # Lightning's WandbLogger opens its run on rank 0 only (the other ranks get a no-op).
