@@ -6,11 +6,12 @@ AdamW) of the experiment's model at its trainer batch. MFU = FLOPs counted by to
 FlopCounterMode per step x steps per second / measured matmul rate.
 
     python benchmarks/train_throughput.py                      # baseline at the cpu size
-    python benchmarks/train_throughput.py +experiment=full trainer=smoke
+    python benchmarks/train_throughput.py --threads=1 +experiment=full trainer=smoke
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    a @ b
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
@@ -33,6 +33,10 @@ def matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> fl
 
 
 def main(overrides: list[str]) -> None:
+    threads = [o for o in overrides if o.startswith("--threads=")]
+    overrides = [o for o in overrides if o not in threads]
+    if threads:
+        torch.set_num_threads(int(threads[0].split("=", 1)[1]))
     from hydra import compose, initialize_config_dir
 
     from v4lab.config import load_run_config
@@ -58,12 +62,18 @@ def main(overrides: list[str]) -> None:
     flops_per_step = counter.get_total_flops()
     for _ in range(2):
         step()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 10.0 or reps < 3:
+    # Interleave the two measurements so both see the same machine load: rounds of one
+    # training step and one matmul burst; medians over rounds.
+    step_times, fp32_rates, bf16_rates = [], [], []
+    t_end = time.perf_counter() + 30.0
+    while time.perf_counter() < t_end or len(step_times) < 5:
+        t0 = time.perf_counter()
         step()
-        reps += 1
-    step_s = (time.perf_counter() - t0) / reps
-    fp32, bf16 = matmul_tflops(torch.float32), matmul_tflops(torch.bfloat16)
+        step_times.append(time.perf_counter() - t0)
+        fp32_rates.append(matmul_tflops(torch.float32, seconds=0.5))
+        bf16_rates.append(matmul_tflops(torch.bfloat16, seconds=0.5))
+    step_s = statistics.median(step_times)
+    fp32, bf16 = statistics.median(fp32_rates), statistics.median(bf16_rates)
     tokens = t.batch_size * t.seq_len
     achieved = flops_per_step / step_s / 1e12
     lines = [
@@ -77,7 +87,7 @@ def main(overrides: list[str]) -> None:
         f"| parameters (total / active) | {lit.model.num_params():,} / {lit.model.num_active_params():,} |",
         f"| batch x seq_len | {t.batch_size} x {t.seq_len} = {tokens} tokens |",
         f"| FLOPs per step (counted, fwd+bwd) | {flops_per_step / 1e9:.2f} GFLOP |",
-        f"| step time | {step_s * 1e3:.1f} ms |",
+        f"| step time (median of {len(step_times)}) | {step_s * 1e3:.1f} ms |",
         f"| training tokens/s | {tokens / step_s:,.0f} |",
         f"| achieved | {achieved * 1e3:.1f} GFLOP/s |",
         f"| measured matmul fp32 / bf16 | {fp32 * 1e3:.1f} / {bf16 * 1e3:.1f} GFLOP/s |",
