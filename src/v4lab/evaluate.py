@@ -196,7 +196,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len:
     cfg.validate("eval", max_len)
     check_lengths(cfg, vocab, params)
     hay = Haystack(haystack)
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = next(iter(model.parameters()), torch.empty(0)).device if hasattr(model, "parameters") \
+        else torch.device("cpu")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
