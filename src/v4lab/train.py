@@ -259,7 +259,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         }
         for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
             metrics.setdefault(key, float(value))
-        if run_cfg.eval.enabled:  # long-context tasks on the real decode path (test-split haystack)
+        if run_cfg.eval.enabled and trainer.is_global_zero:  # long-context tasks, real decode path
             t1 = time.perf_counter()
             metrics |= evaluate(lit.model, task_vocab, run_cfg.eval, dm.shard("test"), t.seq_len,
                                 log=lambda line: print(line, flush=True))
