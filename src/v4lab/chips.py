@@ -606,14 +606,12 @@ def kv_bytes_per_token_layer(cfg: Any) -> int:
 
 def indexer_bytes_per_token_layer(cfg: Any) -> int:
     """Lightning-indexer key-cache bytes per token and layer (0 without sparse attention).
-    Stored like the main cache: 1-byte values + one scale per block when quantised."""
+    Stored like the rotary key (modules/mla.py): fp32 in an fp32 cache, else bf16.
+    (DeepSeek-V3.2 keeps its indexer keys in FP8; v4lab does not quantise them yet.)"""
     a = cfg.attention
     if a.kind != "mla" or not a.sparse.enabled:
         return 0
-    dim, dt = a.sparse.index_head_dim, a.kv_cache.dtype
-    if dt in ("fp32", "bf16"):
-        return dim * DTYPE_BYTES[dt]
-    return dim + max(1, dim // a.kv_cache.block_size) * SCALE_BYTES[a.kv_cache.scale_format]
+    return a.sparse.index_head_dim * (4 if a.kv_cache.dtype == "fp32" else 2)
 
 
 def kv_bytes_per_token(cfg: Any, include_indexer: bool = True) -> int:

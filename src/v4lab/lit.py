@@ -61,8 +61,8 @@ class LitLM(L.LightningModule):
         total = loss + sum(ctx.aux_losses.values(), torch.zeros((), device=loss.device))
         if not torch.isfinite(total):
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss)}; total with auxiliary losses "
-                f"{float(total)}) at step {self.global_step}: stopping. The last good "
+                f"non-finite training loss ({loss.item()}; total with auxiliary losses "
+                f"{total.item()}) at step {self.global_step}: stopping. The last good "
                 "checkpoint is kept; lower trainer.lr or check the data.")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         # GPT-2 style: scale the residual output projections by 1/sqrt(2 * n_layers).
         for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "ffn.w2.weight")) or ".w2." in name:
+            if name.endswith(("attn.wo.weight", "ffn.w2.weight", "experts.w2")) or ".w2." in name:
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -132,6 +132,8 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif hasattr(module, "init_weights"):  # own parameter layout (MoE's stacked experts)
+            module.init_weights(self.cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         b, t = input_ids.shape

@@ -150,7 +150,10 @@ class MoEConfig:
     score_func: sigmoid | softmax | sqrtsoftplus (affinity s_i of token to expert i).
     bias_update_rate: auxiliary-loss-free balancing step (0 disables the bias update).
     aux_loss_alpha: weight of the optional sequence-wise balance loss (0 = off).
-    n_groups / topk_groups: group-limited routing as in DeepSeek-V3 (1/1 = off).
+    n_groups / topk_groups: group-limited routing as in DeepSeek-V3 (1/1 = off): a group's
+      score is the sum of its top-2 biased scores; only the topk_groups best groups stay
+      eligible for the top-k selection.
+    Shared experts form one SwiGLU of width n_shared_experts * expert_dim (V3 convention).
     """
 
     enabled: bool = False
@@ -173,7 +176,8 @@ class MoEConfig:
         require_positive(f"{path}.n_routed_experts", self.n_routed_experts)
         require(self.n_shared_experts >= 0, f"{path}.n_shared_experts", self.n_shared_experts,
                 ">= 0")
-        require(1 <= self.top_k <= self.n_routed_experts, f"{path}.top_k", self.top_k,
+        require(isinstance(self.top_k, int) and 1 <= self.top_k <= self.n_routed_experts,
+                f"{path}.top_k", self.top_k,
                 f"an integer in [1, n_routed_experts={self.n_routed_experts}]")
         require_positive(f"{path}.expert_dim", self.expert_dim)
         require(0 <= self.first_dense_layers <= n_layers, f"{path}.first_dense_layers",
@@ -187,6 +191,10 @@ class MoEConfig:
                 f"a divisor of n_routed_experts={self.n_routed_experts}")
         require(1 <= self.topk_groups <= self.n_groups, f"{path}.topk_groups",
                 self.topk_groups, f"an integer in [1, n_groups={self.n_groups}]")
+        eligible = self.topk_groups * (self.n_routed_experts // self.n_groups)
+        require(self.top_k <= eligible, f"{path}.top_k", self.top_k,
+                f"<= topk_groups * n_routed_experts / n_groups = {eligible} (experts in the "
+                "groups kept by group-limited routing)")
 
 
 @dataclass

@@ -1,0 +1,235 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts with top-k routing.
+
+Routing follows DeepSeek-V3's conventions:
+
+    u = x W_g^T                                   router logits        [N, E]
+    s = score_func(u)                             affinities           [N, E]
+        sigmoid(u) | softmax(u) | sqrt(softplus(u))
+    c = s + b                                     biased scores, for SELECTION only
+    (group-limited: group score = sum of the top-2 c in each of n_groups groups;
+     only the topk_groups best groups stay eligible)
+    I = top_k(c)                                  selected experts     [N, k]
+    g = route_scale * s_I / sum(s_I)              gates (unbiased, normalised)
+    y = sum_k g_k FFN_{I_k}(x) + FFN_shared(x)
+
+The balancing bias ``b`` is a buffer with no gradient. Auxiliary-loss-free balancing
+moves it by ``bias_update_rate`` toward under-loaded experts after every optimizer step
+(``on_train_step_end``), from the load counted in the training forwards since the last
+step. An optional sequence-wise balance loss (``aux_loss_alpha`` > 0) is reported to the
+forward context.
+
+Dispatch: the N*k (token, expert) pairs are sorted by expert, so every expert sees one
+contiguous segment of rows; each expert runs one matrix product per weight on its
+segment (or all segments run as one grouped GEMM: ``RoutedExperts.use_grouped_mm``,
+off by default). The gate scales each row's hidden activations, and index_add sums the k
+outputs back into their token (deterministic on CPU; atomic adds on CUDA). No Python loop
+over tokens and no dense mask over all experts.
+
+Group-limited routing masks the experts of dropped groups with -inf, as DeepSeek-V3's
+reference inference code does (transformers' DeepseekV3 fills 0.0 instead, which only
+differs when an eligible biased score is negative).
+
+Note vs. DeepSeek-V3: V3 renormalises the selected gates only for sigmoid scores; here
+they are renormalised for every score function (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v4lab.modules.args import MoEConfig
+from v4lab.modules.ffn import SwiGLU
+
+
+def affinity(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Token-to-expert affinities s from router logits u [N, E] (float32 in, float32 out)."""
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    if score_func == "softmax":
+        return logits.softmax(dim=-1)
+    if score_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    raise ValueError(f"unknown score_func {score_func!r}")
+
+
+class Gate(nn.Module):
+    """Router: picks top_k experts per token and their gate weights.
+
+    forward(x [N, dim]) -> (gates [N, k] float32, indices [N, k] int64, scores [N, E] float32)
+    where ``scores`` are the unbiased affinities s (the balance loss uses them).
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.top_k
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.n_groups = cfg.n_groups
+        self.topk_groups = cfg.topk_groups
+        self.proj = nn.Linear(dim, cfg.n_routed_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        # Balancing bias b_i: used for selection only, updated outside autograd; saved
+        # with the model (persistent buffer).
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # route in fp32
+            logits = F.linear(x.float(), self.proj.weight.float())
+        scores = affinity(logits, self.score_func)
+        choice = scores + self.bias
+        if self.n_groups > 1:
+            n = x.shape[0]
+            grouped = choice.view(n, self.n_groups, -1)
+            per_group = min(2, grouped.shape[-1])
+            group_scores = grouped.topk(per_group, dim=-1).values.sum(dim=-1)  # [N, G]
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(n, -1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        gates = scores.gather(1, indices)
+        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
+        return gates, indices, scores
+
+
+class RoutedExperts(nn.Module):
+    """``n`` SwiGLU experts as stacked weights: w1, w3 [n, dim, hidden], w2 [n, hidden, dim].
+
+    forward(x [M, dim] rows sorted by expert, counts: rows per expert, summing to M,
+    scale [M] optional per-row factor) -> [M, dim]: expert e applied to its segment of rows,
+    each row's output times its scale (applied to the hidden activations, which are
+    narrower than dim, so cheaper than scaling the output).
+    """
+
+    def __init__(self, n: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
+        # True: one grouped GEMM (F.grouped_mm) over all segments instead of one product
+        # per segment. torch 2.13's CPU grouped_mm gives the same results but was not
+        # reliably faster here (within noise on 1 thread, a third faster to a third slower
+        # on 2 across runs on a shared 2-core machine, benchmarks/results/moe_dispatch.md),
+        # so it is off by default.
+        self.use_grouped_mm = False
+        self.init_weights(0.02)
+
+    def init_weights(self, std: float) -> None:
+        """Normal(0, std) like nn.Linear weights in the model (Transformer calls this)."""
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w, std=std)
+
+    def forward(self, x: torch.Tensor, counts: list[int],
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is None:
+            scale = x.new_ones(x.shape[0])
+        scale = scale.to(x.dtype).unsqueeze(-1)
+        if self.use_grouped_mm and hasattr(F, "grouped_mm"):
+            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
+            return F.grouped_mm(h * scale, self.w2, offs=offs)
+        # split / unbind (not x[a:b], w[e]): their backward is one cat / stack instead of
+        # a zero-filled full-size gradient per expert.
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = [(F.silu(xe @ w1[e]) * (xe @ w3[e]) * se) @ w2[e]
+                for e, (xe, se) in enumerate(zip(x.split(counts), scale.split(counts)))
+                if counts[e] > 0]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[-1])
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int,
+                          alpha: float) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, averaged over the sequences of a batch.
+
+    scores: [B*T, E] affinities s; indices: [B*T, k] selected experts.
+    Per sequence: f_i = E / (k T) * #tokens routed to i, P_i = mean_t s_i,t / sum_j s_j,t,
+    loss = alpha * sum_i f_i P_i (equals alpha when routing is perfectly balanced).
+    """
+    n, e = scores.shape
+    k = indices.shape[1]
+    t = n // batch
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, t, e).mean(dim=1)
+    ones = torch.ones(batch, t * k, device=scores.device, dtype=scores.dtype)
+    counts = torch.zeros(batch, e, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.reshape(batch, t * k), ones)
+    f = counts * (e / (k * t))
+    return alpha * (f * probs).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE feed-forward layer.
+
+    forward(x [B, T, dim], ctx) -> [B, T, dim]. ``ctx`` (a ForwardContext, or None when
+    used standalone) receives, in training mode, the statistics ``moe/load_cv``,
+    ``moe/max_over_mean``, ``moe/dead_experts``, ``moe/bias_min``, ``moe/bias_max`` and,
+    when ``aux_loss_alpha`` > 0, the loss ``moe/aux_loss``.
+    Shared experts are one SwiGLU of width n_shared_experts * expert_dim.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.dim = dim
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.top_k
+        self.expert_dim = cfg.expert_dim
+        self.bias_update_rate = cfg.bias_update_rate
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.gate = Gate(dim, cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, dim, cfg.expert_dim)
+        self.shared = (SwiGLU(dim, cfg.n_shared_experts * cfg.expert_dim)
+                       if cfg.n_shared_experts > 0 else None)
+        # (token, expert) assignments counted in training forwards since the last step.
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def params_per_expert(self) -> int:
+        return 3 * self.dim * self.expert_dim
+
+    def inactive_params_per_token(self) -> int:
+        """Routed-expert parameters a token does not use: (n_routed - top_k) experts."""
+        return (self.n_experts - self.top_k) * self.params_per_expert()
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        gates, indices, scores = self.gate(flat)
+        k = self.top_k
+        # Sort the N*k (token, expert) pairs by expert: contiguous segment per expert.
+        pair_expert = indices.reshape(-1)
+        order = pair_expert.argsort(stable=True)
+        counts = torch.bincount(pair_expert, minlength=self.n_experts)
+        token = order // k  # source token of each sorted pair
+        y = self.experts(flat[token], counts.tolist(), gates.reshape(-1)[order])
+        # sum the k gated outputs per token (y is bf16 under autocast: accumulate in y's dtype)
+        out = flat.new_zeros(flat.shape, dtype=y.dtype).index_add_(0, token, y)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        if self.training:
+            self._record(counts, scores, indices, b, ctx)
+        return out.view(b, t, d)
+
+    def _record(self, counts: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
+                batch: int, ctx) -> None:
+        """Count load for the bias update; report statistics and the balance loss."""
+        with torch.no_grad():
+            load = counts.to(self.load.dtype)
+            self.load += load
+        if ctx is None:
+            return
+        mean = load.mean()
+        ctx.add_stat("moe/load_cv", float(load.std(unbiased=False) / mean))
+        ctx.add_stat("moe/max_over_mean", float(load.max() / mean))
+        ctx.add_stat("moe/dead_experts", float((load == 0).sum()))
+        ctx.add_stat("moe/bias_min", float(self.gate.bias.min()))
+        ctx.add_stat("moe/bias_max", float(self.gate.bias.max()))
+        if self.aux_loss_alpha > 0:
+            ctx.add_loss("moe/aux_loss",
+                         sequence_balance_loss(scores, indices, batch, self.aux_loss_alpha))
+
+    @torch.no_grad()
+    def on_train_step_end(self) -> None:
+        """After an optimizer step: b_i += rate * sign(mean load - load_i); reset the count."""
+        if self.bias_update_rate > 0 and self.load.sum() > 0:
+            self.gate.bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
