@@ -14,6 +14,7 @@ Metrics (flat floats):
     task/<task>/acc_extrapolated        mean over longer contexts (if any)
     task/all@<context>/acc              mean over tasks
     speed/decode_ms_per_token@<context> median wall ms of one decode step, batch 1, at that context
+                                        (one thread on CPU)
     cost/kv_bytes@<context>             KV-cache bytes held for one sequence of that length
                                         (all layers, read off the stored cache tensors)
 
@@ -160,18 +161,29 @@ def cache_bytes(caches: list) -> int:
 @torch.no_grad()
 def time_decode(model, tokens: torch.Tensor, steps: int, chunk: int) -> tuple[float, int]:
     """Median ms of one decode step at the end of ``tokens`` [1, C] (batch 1; the last
-    ``steps`` tokens are fed one at a time after prefilling the rest), and the KV bytes
-    held once all C tokens are in the cache."""
+    ``steps`` tokens are fed one at a time after prefilling the rest and one untimed
+    warm-up step), and the KV bytes held once all C tokens are in the cache.
+
+    On CPU the steps run on one thread (restored afterwards): a shared machine makes
+    multi-threaded latencies of tiny matmuls meaningless."""
     c = tokens.shape[1]
-    steps = min(steps, c - 1)
+    steps = max(1, min(steps, c - 2))
     caches = model.new_caches(1, c)
-    prefill(model, tokens[:, : c - steps], caches, chunk)
-    times = []
-    for pos in range(c - steps, c):
-        t0 = time.perf_counter()
-        model.forward_cached(tokens[:, pos:pos + 1], caches, pos, history=tokens[:, :pos + 1])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), cache_bytes(caches)
+    prefill(model, tokens[:, : c - steps - 1], caches, chunk)
+    threads = torch.get_num_threads()
+    if tokens.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        times = []
+        for pos in range(c - steps - 1, c):
+            t0 = time.perf_counter()
+            model.forward_cached(tokens[:, pos:pos + 1], caches, pos, history=tokens[:, :pos + 1])
+            if tokens.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[1:]), cache_bytes(caches)
 
 
 def task_examples(task: str, context: int, cfg: EvalConfig, vocab: TaskVocab, haystack: Haystack,
