@@ -168,7 +168,7 @@ def test_run_config_validates_eval_before_training():
     with pytest.raises(ConfigError, match=r"eval.contexts.*model.max_seq_len=2048"):
         load_run_config(compose(["eval.contexts=[1024,4096]"]))
     cfg = load_run_config(compose(["eval=long_context"]))
-    assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 4096 and cfg.eval.train_share == 0.5
+    assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 8192 and cfg.eval.train_share == 0.5
     with pytest.raises(ConfigError, match="eval.train_share"):
         load_run_config(compose(["eval.train_share=1.5"]))
 
