@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from v4lab.chips import ChipConfig
+from v4lab.evaluate import EvalConfig
 from v4lab.model import ModelConfig
 from v4lab.modules.args import ConfigError, require, require_choice, require_positive
 
@@ -167,6 +168,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     chip: ChipConfig = field(default_factory=ChipConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> RunConfig:
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
@@ -176,6 +178,7 @@ class RunConfig:
         self.trainer.validate("trainer")
         self.logger.validate("logger")
         self.chip.ready("chip")
+        self.eval.validate("eval", self.model.max_seq_len)
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
         require(self.model.vocab_size == self.data.vocab_size, "model.vocab_size",
@@ -207,5 +210,5 @@ def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     return run_cfg.validate()
 
 
-__all__ = ["ConfigError", "DataConfig", "LoggerConfig", "RunConfig", "TrainerConfig",
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "LoggerConfig", "RunConfig", "TrainerConfig",
            "load_run_config"]

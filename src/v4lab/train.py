@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -35,6 +36,8 @@ from v4lab.config import RunConfig, load_run_config
 from v4lab.data.canonical import build_canonical_ids
 from v4lab.data.datamodule import CorpusDataModule
 from v4lab.data.prepare import prepare, token_byte_lengths
+from v4lab.data.tasks import TaskMix, TaskVocab
+from v4lab.evaluate import check_lengths, evaluate
 from v4lab.lit import LitLM
 from v4lab.modules.engram import engram_params
 
@@ -251,8 +254,18 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     token_bytes = torch.from_numpy(token_byte_lengths(tokenizer))
+    # Long-context tasks: formats checked against this tokenizer before anything trains;
+    # a seeded share of training windows becomes task sequences (train-split haystack).
+    task_vocab = TaskVocab.from_tokenizer(tokenizer)
+    if run_cfg.eval.enabled:
+        check_lengths(run_cfg.eval, task_vocab)
+    task_mix = None
+    if run_cfg.eval.train_share > 0:
+        task_mix = TaskMix(task_vocab, np.memmap(folder / "train.bin", dtype=np.uint16, mode="r"),
+                           run_cfg.eval.mixed_tasks, run_cfg.eval.train_share, run_cfg.seed,
+                           t.seq_len + 1)
     dm = CorpusDataModule(folder, t.seq_len, t.batch_size, t.max_steps, run_cfg.seed,
-                          t.val_batches, t.test_batches)
+                          t.val_batches, t.test_batches, task_mix)
     # The target chip decides the numerics: KV-cache dtype (or its fallback) and matmul dtype.
     model_cfg, matmul_dtype, notes = chips.apply_numerics(run_cfg.chip, run_cfg.model)
     for note in notes:
@@ -319,6 +332,11 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         if trainer.world_size > 1:  # the processes that took part (the gloo/NCCL group's size)
             metrics |= {"train/processes": int(trainer.world_size), "train/strategy": t.strategy}
         if trainer.is_global_zero:
+            if run_cfg.eval.enabled:  # long-context tasks through the real decode path
+                t1 = time.perf_counter()
+                metrics |= evaluate(lit.model, task_vocab, run_cfg.eval, dm.shard("test"),
+                                    t.seq_len, log=lambda line: print(line, flush=True))
+                metrics["time/eval_s"] = time.perf_counter() - t1
             atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             if logger is not None:
                 logger.experiment.summary.update({k: v for k, v in metrics.items()})
@@ -339,7 +357,8 @@ def report(metrics: dict[str, Any], run_dir: Path, cfg: RunConfig) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("val/loss", "val/bpb", "test/bpb", "val/unigram_bpb", "cost/params_total",
-                "cost/params_active", "cost/kv_bytes_per_token", "speed/train_tokens_per_s"):
+                "cost/params_active", "cost/kv_bytes_per_token", "speed/train_tokens_per_s",
+                *(k for k in metrics if k.startswith("task/all@"))):
         v = metrics.get(key)
         table.add_row(key, f"{v:,.4f}" if isinstance(v, float) and abs(v) < 1e4 else f"{v:,.0f}")
     console = Console()

@@ -6,6 +6,9 @@ permutation, a fresh permutation per pass. The sampler starts at the number of s
 already consumed, which the module saves in every checkpoint, so a resumed run sees
 exactly the batches an uninterrupted run would have seen.
 
+With a :class:`~v4lab.data.tasks.TaskMix`, a seeded share of training samples (again a
+function of (seed, i)) are synthetic long-context task sequences instead of corpus windows.
+
 Validation and test use fixed windows spread evenly over their shards.
 
 Several processes (DDP/FSDP): ``batch_size`` is the global batch. Optimizer step ``s``
@@ -26,13 +29,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from v4lab.data.prepare import verify
+from v4lab.data.tasks import TaskMix
 
 
 class TrainWindows(Dataset):
     """Seeded windows of the train shard. item i -> LongTensor [seq_len + 1]."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, num_samples: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, num_samples: int, seed: int,
+                 task_mix: TaskMix | None = None) -> None:
         self.tokens, self.seq_len, self.num_samples, self.seed = tokens, seq_len, num_samples, seed
+        self.task_mix = task_mix
         self.n_slots = (len(tokens) - 1) // seq_len
         if self.n_slots < 1:
             raise ValueError(f"train shard has {len(tokens)} tokens, fewer than one window "
@@ -43,6 +49,10 @@ class TrainWindows(Dataset):
         return self.num_samples
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if self.task_mix is not None:
+            task = self.task_mix.sample(i)
+            if task is not None:
+                return torch.tensor(task, dtype=torch.long)
         pass_idx, j = divmod(i, self.n_slots)
         if pass_idx != self._perm_pass:
             rng = np.random.default_rng([self.seed, pass_idx])
@@ -103,8 +113,10 @@ class CorpusDataModule(L.LightningDataModule):
     """Train/val/test loaders over a prepared corpus folder."""
 
     def __init__(self, folder: str | Path, seq_len: int, batch_size: int, max_steps: int,
-                 seed: int, val_batches: int, test_batches: int) -> None:
+                 seed: int, val_batches: int, test_batches: int,
+                 task_mix: TaskMix | None = None) -> None:
         super().__init__()
+        self.task_mix = task_mix
         self.folder = Path(folder)
         self.seq_len, self.batch_size, self.max_steps, self.seed = seq_len, batch_size, max_steps, seed
         self.val_batches, self.test_batches = val_batches, test_batches
@@ -120,7 +132,7 @@ class CorpusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainWindows(self.shard("train"), self.seq_len, self.max_steps * self.batch_size,
-                          self.seed)
+                          self.seed, self.task_mix)
         rank, world = self._rank_world()
         sampler = ResumableSampler(len(ds), self.samples_consumed, self.batch_size, rank, world)
         return DataLoader(ds, batch_size=self.batch_size // world, sampler=sampler)

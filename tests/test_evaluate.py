@@ -1,0 +1,215 @@
+"""Evaluation: the oracle scores 100% and a random guesser scores chance through the same
+decode + scoring code; the cached greedy decode equals Transformer.generate; KV bytes and
+metric names; bad input; the end-of-run hook and the checkpoint CLI agree."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import compose
+from v4lab.config import load_run_config
+from v4lab.data.tasks import TASKS, Haystack, TaskParams, TaskVocab, random_guess
+from v4lab.evaluate import EvalConfig, evaluate, greedy_decode, task_examples
+from v4lab.model import ModelConfig, Transformer
+from v4lab.modules.args import AttentionConfig, ConfigError, EngramConfig, KVCacheConfig, SparseConfig
+
+VOCAB = 512
+
+
+def char_encode(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> TaskVocab:
+    return TaskVocab(char_encode)
+
+
+@pytest.fixture(scope="module")
+def hay() -> np.ndarray:
+    return np.array(char_encode("for i in range(10):\n    print(i)  # loop\n" * 40), dtype=np.int64)
+
+
+class _Cache:
+    length = 0
+
+    def bytes_per_token(self) -> int:
+        return 0
+
+
+class Scripted(nn.Module):
+    """A stand-in model with the decode interface that, after a known prompt, emits a
+    scripted continuation (the oracle's answer or a random guess) one token per step."""
+
+    def __init__(self, scripts: dict[tuple, list[int]]) -> None:
+        super().__init__()
+        self.scripts = scripts
+
+    def new_caches(self, batch: int, max_len: int) -> list[dict]:
+        return [{"attn": _Cache()}]
+
+    def forward_cached(self, ids, caches, start, history=None) -> torch.Tensor:
+        logits = torch.zeros(ids.shape[0], ids.shape[1], VOCAB)
+        for b, row in enumerate(history.tolist()):
+            for k in range(0, 16):
+                script = self.scripts.get(tuple(row[:len(row) - k]))
+                if script is not None and k < len(script):
+                    logits[b, -1, script[k]] = 1.0
+                    break
+        return logits
+
+
+def _scripts(cfg: EvalConfig, vocab, hay, params, pick) -> dict[tuple, list[int]]:
+    out = {}
+    for task in cfg.tasks:
+        for c in cfg.contexts:
+            for ex in task_examples(task, c, cfg, vocab, Haystack(hay), params):
+                out[tuple(ex.prompt)] = pick(ex)
+    return out
+
+
+def test_oracle_scores_100_percent(vocab, hay):
+    cfg = EvalConfig(tasks=list(TASKS), contexts=[200, 300], n_examples=5, batch_size=3)
+    model = Scripted(_scripts(cfg, vocab, hay, TaskParams(), lambda ex: ex.answer))
+    m = evaluate(model, vocab, cfg, hay)
+    accs = {k: v for k, v in m.items() if k.endswith("/acc")}
+    assert len(accs) == len(TASKS) * 2 + 2 and all(v == 1.0 for v in accs.values())
+    # and a model that is wrong in one token of the answer scores 0
+    off_by_one = Scripted(_scripts(cfg, vocab, hay, TaskParams(),
+                                   lambda ex: ex.answer[:-1] + [ex.answer[-1] + 1]))
+    m = evaluate(off_by_one, vocab, cfg, hay)
+    assert all(v == 0.0 for k, v in m.items() if k.endswith("/acc"))
+
+
+def test_random_guessing_scores_chance(vocab, hay):
+    params = TaskParams(value_digits=1, n_needles=3, n_pairs=4, n_chains=2, run_len=8)
+    cfg = EvalConfig(tasks=["niah_single", "niah_multikey", "variable_tracking", "positional_recall",
+                            "niah_multiquery"],
+                     contexts=[120], n_examples=400, batch_size=200)
+    rng = np.random.default_rng(0)
+    model = Scripted(_scripts(cfg, vocab, hay, params, lambda ex: random_guess(ex, vocab, rng, params)))
+    m = evaluate(model, vocab, cfg, hay, params=params)
+    for task in cfg.tasks:
+        acc, chance = m[f"task/{task}@120/acc"], m[f"task/{task}@120/chance"]
+        expected = {"positional_recall": 1 / 8, "niah_multiquery": 1 / 90}.get(task, 1 / 10)
+        assert chance == pytest.approx(expected)
+        sd = math.sqrt(chance * (1 - chance) / cfg.n_examples)
+        assert abs(acc - chance) < 4 * sd, (task, acc, chance)
+
+
+def _tiny(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, ffn_dim=64, max_seq_len=256,
+                      attention=AttentionConfig(kind="mla", n_heads=2, q_lora_rank=16, kv_lora_rank=128,
+                                                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                                                vvpa=True, **kw.pop("attn", {})),
+                      **kw)
+    model = Transformer(cfg).eval()
+    model.set_canonical_ids(torch.arange(VOCAB))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dense_bf16", "sparse_fp8_engram"])
+def test_chunked_greedy_decode_equals_generate(kind, vocab, hay):
+    if kind == "dense_bf16":
+        model = _tiny(attn={"kv_cache": KVCacheConfig(dtype="bf16")})
+    else:
+        model = _tiny(attn={"kv_cache": KVCacheConfig(dtype="fp8"),
+                            "sparse": SparseConfig(enabled=True, topk=8)},
+                      engram=EngramConfig(enabled=True, layers=[1], table_size=64, head_dim=8,
+                                          heads_per_order=1))
+    prompts = torch.tensor(np.stack([hay[i:i + 70] for i in (0, 13, 40)]), dtype=torch.long)
+    ref = model.generate(prompts, 5)[:, 70:]
+    assert torch.equal(greedy_decode(model, prompts, 5, chunk=16), ref)
+
+
+def test_real_model_metrics_kv_bytes_and_determinism(vocab, hay):
+    model = _tiny(attn={"sparse": SparseConfig(enabled=True, topk=8)})
+    cfg = EvalConfig(tasks=["niah_single", "positional_recall"], contexts=[64, 160], n_examples=3,
+                     batch_size=2, prefill_chunk=50, timing_tokens=3)
+    m = evaluate(model, vocab, cfg, hay, train_len=100)
+    for c in (64, 160):
+        for t in cfg.tasks:
+            assert 0.0 <= m[f"task/{t}@{c}/acc"] <= 1.0
+        assert m[f"speed/decode_ms_per_token@{c}"] > 0
+        caches = model.new_caches(1, 4)  # independent: per-token bytes of a fresh cache x length
+        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), caches, 0)
+        assert m[f"cost/kv_bytes@{c}"] == model.kv_bytes_per_token(caches) * c
+    assert m["task/niah_single/acc_trained_lengths"] == m["task/niah_single@64/acc"]
+    assert m["task/niah_single/acc_extrapolated"] == m["task/niah_single@160/acc"]
+    again = evaluate(model, vocab, cfg, hay, train_len=100)
+    assert {k: v for k, v in again.items() if "speed/" not in k} == \
+        {k: v for k, v in m.items() if "speed/" not in k}
+
+
+def test_bad_input_is_a_clear_error(vocab, hay):
+    model = _tiny()
+    with pytest.raises(ConfigError, match=r"eval.contexts=\[300\].*max_seq_len=256.*allow_extrapolation"):
+        evaluate(model, vocab, EvalConfig(tasks=["niah_single"], contexts=[300]), hay)
+    with pytest.raises(ConfigError, match=r"lengths >= \d+ for task 'mqar'.*\[50\]"):
+        evaluate(model, vocab, EvalConfig(tasks=["mqar"], contexts=[50, 200]), hay)
+    with pytest.raises(ConfigError, match="unknown task; the tasks are niah_single"):
+        EvalConfig(tasks=["needle"]).validate()
+    # extrapolation on request, and the model's own limit is restored afterwards
+    m = evaluate(model, vocab, EvalConfig(tasks=["niah_single"], contexts=[300], n_examples=1,
+                                          allow_extrapolation=True), hay)
+    assert "task/niah_single@300/acc" in m and model.cfg.max_seq_len == 256
+
+
+def test_run_config_validates_eval_before_training():
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_run_config(compose(["eval.tasks=[niah_single,bogus]"]))
+    with pytest.raises(ConfigError, match=r"eval.contexts.*model.max_seq_len=2048"):
+        load_run_config(compose(["eval.contexts=[1024,4096]"]))
+    cfg = load_run_config(compose(["eval=long_context"]))
+    assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 8192 and cfg.eval.train_share == 0.5
+    with pytest.raises(ConfigError, match="eval.train_share"):
+        load_run_config(compose(["eval.train_share=1.5"]))
+
+
+def test_end_of_run_eval_and_checkpoint_cli_agree(tmp_path, smoke_overrides):
+    from v4lab.evaluate import main
+    from v4lab.train import train
+
+    run_dir = tmp_path / "run"
+    metrics = train(compose(["+experiment=full", *smoke_overrides]), run_dir)
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("task/niah_single@64/acc", "task/positional_recall@128/acc",
+                "speed/decode_ms_per_token@64", "cost/kv_bytes@128", "task/all@64/acc",
+                "task/niah_single/acc_extrapolated"):
+        assert key in on_disk and key in metrics
+    assert main([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"]) == 0
+    alone = json.loads((run_dir / "eval.json").read_text())
+    for key, value in on_disk.items():
+        if key.startswith(("task/", "cost/kv_bytes@")):
+            assert alone[key] == value, key
+    assert main([f"ckpt={run_dir}", "tasks=[nope]"]) == 1
+    assert main([f"ckpt={run_dir}", "contexts=[4096]"]) == 1
+
+
+def test_long_context_experiment_set_and_manifest():
+    import yaml
+
+    from conftest import ROOT
+
+    study = yaml.safe_load((ROOT / "experiments" / "long_context.yaml").read_text())
+    seen = {}
+    for name in study["experiments"]:
+        text = (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n")
+        cfg = load_run_config(compose([f"+experiment={name}", *study["overrides"]]))
+        assert cfg.experiment == name and cfg.eval.contexts == study["contexts"]
+        assert cfg.eval.tasks == study["tasks"]
+        a = cfg.model.attention
+        seen[name] = (a.sparse.enabled, a.sparse.topk, a.vvpa, a.kv_cache.dtype, cfg.model.engram.enabled)
+    full = seen["lc_full"]
+    assert full == (True, 64, True, "fp8", True)
+    for name, what in {"lc_dense": 0, "lc_topk_256": 1, "lc_no_vvpa": 2, "lc_bf16_kv": 3,
+                       "lc_no_engram": 4}.items():  # each changes exactly one switch
+        assert [i for i in range(5) if seen[name][i] != full[i]] == [what], name
