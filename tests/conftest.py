@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -46,3 +47,16 @@ def smoke_overrides(data_root) -> list[str]:
     return ["trainer=smoke", f"data.root={data_root}", *TINY_DATA, "logger.mode=disabled",
             "trainer.max_steps=12", "trainer.val_every_n_steps=6",
             "trainer.checkpoint_every_n_steps=4", "trainer.seq_len=48"]
+
+
+
+class Crash(Callback):
+    """Simulates a killed run: dies right after optimizer step ``at`` (the checkpoints
+    written before it stay)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt

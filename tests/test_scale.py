@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, TINY_DATA, compose
+from conftest import ROOT, TINY_DATA, Crash, compose
 from v4lab.config import load_run_config
 from v4lab.data.datamodule import ResumableSampler
 from v4lab.modules.args import ConfigError
@@ -314,16 +313,6 @@ def test_study_collect_prefers_sweeps_and_reports_missing_runs(tmp_path):
     assert found == {"baseline-s0": {"val/bpb": 2.0}} and missing == ["mha-s0"]
 
 
-class _Crash(Callback):
-    """Dies after optimizer step ``at`` on rank 0 (checkpoints stay)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise KeyboardInterrupt
-
 
 def test_ddp_cpu_killed_run_resumes_onto_the_same_batches(tmp_path, smoke_overrides, single_process):
     """train() itself (no Hydra) with trainer=ddp_cpu: the worker starts from the saved
@@ -331,7 +320,7 @@ def test_ddp_cpu_killed_run_resumes_onto_the_same_batches(tmp_path, smoke_overri
     (samples consumed count the global batch) and ends where one process ends."""
     cfg = compose([f"+experiment={DDP_EXPERIMENT}", *smoke_overrides, "trainer=ddp_cpu"])
     with pytest.raises((KeyboardInterrupt, SystemExit, Exception)):
-        train(cfg, tmp_path, extra_callbacks=[_Crash(at=7)])
+        train(cfg, tmp_path, extra_callbacks=[Crash(at=7)])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and not (tmp_path / "metrics.json").exists()
     resumed = train(cfg, tmp_path)

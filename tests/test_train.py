@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, compose
+from conftest import ROOT, Crash, compose
 from v4lab.lit import NonFiniteLossError, lr_lambda
 from v4lab.train import train
 
@@ -55,16 +55,6 @@ def test_same_seed_same_metrics_other_seed_differs(first_run, tmp_path, smoke_ov
     other = train(compose(["+experiment=baseline", "seed=1", *smoke_overrides]), tmp_path / "c")
     assert other["val/loss"] != metrics["val/loss"]
 
-
-class Crash(Callback):
-    """Simulates a killed run: dies after optimizer step ``at`` (checkpoints stay)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_kill_and_resume_gives_the_same_final_metrics(first_run, tmp_path, smoke_overrides):

@@ -75,6 +75,18 @@ def rope_permutation(dim: int, interleave: bool) -> torch.Tensor:
     return torch.cat([idx[0::2], idx[1::2]]) if interleave else idx
 
 
+def _reorder_rope_rows(name: str, t: torch.Tensor, order: torch.Tensor, h: int, dn: int, dr: int,
+                       r: int) -> torch.Tensor:
+    """Reorder the rotary rows of an MLA projection (``order`` or its inverse): per head in
+    q_b_proj / q_proj, after the latent in kv_a_proj_with_mqa; other weights unchanged."""
+    if name in ("q_b_proj", "q_proj"):
+        t = t.view(h, dn + dr, -1)
+        return torch.cat([t[:, :dn], t[:, dn:][:, order]], 1).reshape(h * (dn + dr), -1)
+    if name == "kv_a_proj_with_mqa":
+        return torch.cat([t[:r], t[r:][order]], 0)
+    return t
+
+
 def model_config_from_hf(hf_config: Any, bias_update_rate: float = 0.0,
                          kv_cache: str = "fp32") -> ModelConfig:
     """The v4lab ModelConfig equivalent to a DeepseekV3Config (object or dict).
@@ -174,12 +186,7 @@ def hf_state_to_v4lab(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
             name = rest.split(".")[1]
             require(name in _ATTN and rest.endswith(".weight"), "state_dict", key,
                     f"an MLA weight among {sorted(_ATTN)}")
-            if name in ("q_b_proj", "q_proj"):
-                t = t.view(h, dn + dr, -1)
-                t = torch.cat([t[:, :dn], t[:, dn:][:, perm]], 1).reshape(h * (dn + dr), -1)
-            elif name == "kv_a_proj_with_mqa":
-                t = torch.cat([t[:r], t[r:][perm]], 0)
-            out[p + f"attn.{_ATTN[name]}.weight"] = t
+            out[p + f"attn.{_ATTN[name]}.weight"] = _reorder_rope_rows(name, t, perm, h, dn, dr, r)
         elif rest == "mlp.gate.weight":
             out[p + "ffn.gate.proj.weight"] = t
         elif rest == "mlp.gate.e_score_correction_bias":
@@ -299,12 +306,7 @@ def from_v4lab(model: Transformer, rope_interleave: bool = True) -> dict[str, to
             out[p + "post_attention_layernorm.weight"] = t
         elif rest.startswith("attn."):
             name = inv_attn[rest.split(".")[1]]
-            if name in ("q_b_proj", "q_proj"):
-                t = t.view(h, dn + dr, -1)
-                t = torch.cat([t[:, :dn], t[:, dn:][:, inv]], 1).reshape(h * (dn + dr), -1)
-            elif name == "kv_a_proj_with_mqa":
-                t = torch.cat([t[:r], t[r:][inv]], 0)
-            out[p + f"self_attn.{name}.weight"] = t
+            out[p + f"self_attn.{name}.weight"] = _reorder_rope_rows(name, t, inv, h, dn, dr, r)
         elif rest == "ffn.gate.proj.weight":
             out[p + "mlp.gate.weight"] = t
         elif rest == "ffn.gate.bias":
