@@ -110,12 +110,13 @@ def test_unigram_bpb_matches_a_naive_computation():
 def test_training_windows_are_a_seeded_function_of_the_sample_index():
     tokens = np.arange(1000, dtype=np.uint16)
     a, b = TrainWindows(tokens, 9, 300, seed=3), TrainWindows(tokens, 9, 300, seed=3)
-    order = [int(a[i][0]) for i in range(300)]
-    assert order == [int(b[i][0]) for i in reversed(range(300))][::-1]  # any access order
+    order = [int(a[i][0][0]) for i in range(300)]
+    assert order == [int(b[i][0][0]) for i in reversed(range(300))][::-1]  # any access order
     first_pass = sorted(order[: a.n_slots])
     assert first_pass == list(range(0, a.n_slots * 9, 9))  # every slot once per pass
-    assert order != [int(TrainWindows(tokens, 9, 300, seed=4)[i][0]) for i in range(300)]
-    assert torch.equal(a[5][1:], a[5][:-1] + 1)  # contiguous window of seq_len + 1
+    assert order != [int(TrainWindows(tokens, 9, 300, seed=4)[i][0][0]) for i in range(300)]
+    window, answer_len = a[5]
+    assert torch.equal(window[1:], window[:-1] + 1) and answer_len == 0  # contiguous, corpus
 
 
 def test_resumable_sampler_skips_consumed_samples_and_keeps_epoch_length():

@@ -168,7 +168,8 @@ def test_run_config_validates_eval_before_training():
     with pytest.raises(ConfigError, match=r"eval.contexts.*model.max_seq_len=2048"):
         load_run_config(compose(["eval.contexts=[1024,4096]"]))
     cfg = load_run_config(compose(["eval=long_context"]))
-    assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 8192 and cfg.eval.train_share == 0.5
+    assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 2048 and cfg.eval.train_share == 0.5
+    assert cfg.eval.answer_loss_weight == 1.0
     with pytest.raises(ConfigError, match="eval.train_share"):
         load_run_config(compose(["eval.train_share=1.5"]))
 
@@ -205,7 +206,7 @@ def test_long_context_experiment_set_and_manifest():
         assert text.startswith("# @package _global_\n")
         cfg = load_run_config(compose([f"+experiment={name}", *study["overrides"]]))
         assert cfg.experiment == name and cfg.eval.allow_extrapolation
-        assert max(cfg.eval.contexts) > cfg.model.max_seq_len  # extrapolation is measured
+        assert max(cfg.eval.contexts) > cfg.trainer.seq_len  # extrapolation is measured
         # every task column of the table is a task the grid evaluates
         for col in study["metrics"]:
             if col.startswith("task/"):

@@ -216,7 +216,7 @@ def test_dvc_repro_smoke_end_to_end(tmp_path):
         assert (repo / "reports" / f).is_file(), f
     assert not any("components" in p.name for p in (repo / "outputs").iterdir())
     curve = (repo / "outputs/smoke/full-s0/curves.csv").read_text()
-    assert curve.startswith("step,train/loss,val/loss,val/bpb")
+    assert curve.startswith("step,train/loss,train/answer_loss,val/loss,val/bpb")
 
     out, seconds = _repro(repo, "smoke")
     assert "Running stage" not in out and seconds < 30, (seconds, out)

@@ -72,7 +72,7 @@ def test_kill_and_resume_gives_the_same_final_metrics(first_run, tmp_path, smoke
     assert _values(resumed) == _values(metrics)
     # the learning curve travels in the checkpoint: the resumed run writes the whole curve
     curve = (first_dir / "curves.csv").read_text()
-    assert curve.startswith("step,train/loss,val/loss,val/bpb\n5,")
+    assert curve.startswith("step,train/loss,train/answer_loss,val/loss,val/bpb\n5,")
     assert curve.count("\n") == 5  # header + steps 5, 6, 10, 12
     assert (run_dir / "curves.csv").read_text() == curve
 
@@ -128,3 +128,37 @@ def test_run_py_acceptance_command_with_offline_wandb(tmp_path, data_root):
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), runs
     assert "val/bpb" in r.stdout
+
+
+def test_answer_loss_objective_matches_a_naive_per_row_computation():
+    """LM mean over scored targets + w * mean over each row's last answer_len targets."""
+    from v4lab.config import load_run_config
+    from v4lab.lit import LitLM
+
+    cfg = load_run_config(compose(["+experiment=baseline", "trainer=smoke"]))
+    torch.manual_seed(0)
+    token_bytes = torch.ones(cfg.model.vocab_size, dtype=torch.long)
+    token_bytes[0] = 0  # token 0 is not scored
+    lit = LitLM(cfg.model, cfg.trainer, token_bytes, answer_loss_weight=2.5)
+    tokens = torch.randint(0, cfg.model.vocab_size, (3, 17))
+    tokens[1, 5] = 0
+    answer_len = torch.tensor([3, 0, 5])
+    total, _, _ = lit.objective(tokens, answer_len)
+
+    logits = lit.model(tokens[:, :-1])
+    lm_terms, answer_terms = [], []
+    for b in range(3):
+        for j in range(16):
+            target = int(tokens[b, j + 1])
+            nll = -torch.log_softmax(logits[b, j].double(), -1)[target]
+            if target != 0:
+                lm_terms.append(nll)
+            if j >= 16 - int(answer_len[b]):
+                answer_terms.append(nll)
+    assert len(answer_terms) == 8
+    expected = torch.stack(lm_terms).mean() + 2.5 * torch.stack(answer_terms).mean()
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    assert lit.last_answer[1] == 8
+    lit.answer_loss_weight = 0.0  # logged, not trained on
+    assert float(lit.objective(tokens, answer_len)[0]) == pytest.approx(
+        float(torch.stack(lm_terms).mean()), rel=1e-5)

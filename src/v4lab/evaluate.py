@@ -65,6 +65,8 @@ class EvalConfig:
     timing_tokens: decode steps timed per context for speed/decode_ms_per_token.
     train_share: share of training windows replaced by task sequences (0 = none).
     train_tasks: tasks mixed into training (empty = ``tasks``).
+    answer_loss_weight: w in the training objective LM mean + w * (mean loss over the
+      answer tokens of the mixed task sequences); 0 = the plain LM loss.
     enabled: evaluate at the end of every run.
     """
 
@@ -79,6 +81,7 @@ class EvalConfig:
     timing_tokens: int = 8
     train_share: float = 0.0
     train_tasks: list[str] = field(default_factory=list)
+    answer_loss_weight: float = 0.0
 
     def validate(self, path: str = "eval", max_seq_len: int | None = None) -> EvalConfig:
         require(len(self.tasks) > 0, f"{path}.tasks", self.tasks, f"a non-empty list of: {', '.join(TASKS)}")
@@ -97,6 +100,8 @@ class EvalConfig:
         require(isinstance(self.seed, int) and self.seed >= 0, f"{path}.seed", self.seed,
                 "a non-negative integer")
         require(0.0 <= self.train_share <= 1.0, f"{path}.train_share", self.train_share, "in [0, 1]")
+        require(self.answer_loss_weight >= 0, f"{path}.answer_loss_weight", self.answer_loss_weight,
+                ">= 0")
         if max_seq_len is not None and not self.allow_extrapolation:
             beyond = [c for c in self.contexts if c > max_seq_len]
             require(not beyond, f"{path}.contexts", self.contexts,

@@ -32,47 +32,88 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 class LitLM(L.LightningModule):
-    """Next-token prediction on windows [B, T+1] of token ids."""
+    """Next-token prediction on windows [B, T+1] of token ids.
+
+    Training batches are ``(tokens [B, T+1], answer_len [B])`` (see
+    :class:`~v4lab.data.datamodule.TrainWindows`): the last ``answer_len`` tokens of a task
+    sequence are its answer. Their mean loss is logged as ``train/answer_loss`` and, with
+    ``answer_loss_weight`` w > 0, added to the objective: LM mean + w * answer mean (the
+    answer is 3 of ~1K tokens, so in the plain LM mean its gradient is tiny).
+    """
 
     def __init__(self, model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
-                 token_bytes: torch.Tensor) -> None:
+                 token_bytes: torch.Tensor, answer_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.model = Transformer(model_cfg)
         self.tcfg = trainer_cfg
+        self.answer_loss_weight = answer_loss_weight
+        self.last_answer = (0.0, 0)  # this step's (summed answer loss, answer tokens)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         self._eval_sums: dict[str, torch.Tensor] = {}
 
-    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Summed LM loss (nats), scored bytes, and the forward context."""
+    def _token_losses(self, batch: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Per-target LM loss [B, T] (nats), bytes per target [B, T], forward context."""
         x, y = batch[:, :-1], batch[:, 1:]
         step = int(self.global_step) if self._trainer is not None else None
         ctx = ForwardContext(positions=torch.arange(x.shape[1], device=x.device),
                              input_ids=x, step=step)
         logits = self.model(x, ctx)
-        nbytes = self.token_bytes[y]
-        scored = nbytes > 0
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                  reduction="none").view_as(y)
+        return losses, self.token_bytes[y], ctx
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Summed LM loss (nats), [scored tokens, scored bytes], and the forward context."""
+        losses, nbytes, ctx = self._token_losses(batch)
+        scored = nbytes > 0
         return (losses * scored).sum(), torch.stack([scored.sum(), nbytes.sum()]), ctx
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss_sum, counts, ctx = self._forward(batch)
-        loss = loss_sum / counts[0].clamp(min=1)
-        objective = loss
+    def _global_mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``total / count`` over the global batch, as the objective of one rank.
+
+        DDP averages gradients over ranks; scaling by world / (count on all ranks) makes
+        that average the gradient of the global batch's mean, exactly what one process
+        computes from the same batch."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            # DDP averages gradients over ranks; scaling by world / (scored tokens on all
-            # ranks) makes that average the gradient of the global batch's per-token mean,
-            # exactly what one process computes from the same batch.
-            scored = self.trainer.strategy.reduce(counts[0].float(), reduce_op="sum")
-            objective = loss_sum * world / scored.clamp(min=1)
-        total = objective + sum(ctx.aux_losses.values(), torch.zeros((), device=loss.device))
+        if world == 1:
+            return total / count.clamp(min=1)
+        count = self.trainer.strategy.reduce(count.float(), reduce_op="sum")
+        return total * world / count.clamp(min=1)
+
+    def objective(self, tokens: torch.Tensor, answer_len: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """(training objective, LM mean loss, forward context) for tokens [B, T+1].
+
+        Sets ``last_answer`` = (summed answer loss, answer tokens) of this batch.
+        """
+        self.last_answer = (0.0, 0)
+        losses, nbytes, ctx = self._token_losses(tokens)
+        scored = nbytes > 0
+        loss_sum, n_scored = (losses * scored).sum(), scored.sum()
+        objective = self._global_mean(loss_sum, n_scored)
+        if answer_len is not None:
+            # Target j predicts window token j+1, so a row's answer is its last n targets.
+            cols = torch.arange(losses.shape[1], device=losses.device)
+            is_answer = cols[None, :] >= losses.shape[1] - answer_len.to(losses.device)[:, None]
+            answer_sum, n_answer = (losses * is_answer).sum(), is_answer.sum()
+            if self.answer_loss_weight > 0:
+                objective = objective + self.answer_loss_weight * self._global_mean(answer_sum, n_answer)
+            self.last_answer = (float(answer_sum.detach()), int(n_answer))
+        total = objective + sum(ctx.aux_losses.values(), torch.zeros((), device=losses.device))
+        return total, loss_sum.detach() / n_scored.clamp(min=1), ctx
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        tokens, answer_len = batch if isinstance(batch, (list, tuple)) else (batch, None)
+        total, loss, ctx = self.objective(tokens, answer_len)
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}; total with auxiliary losses "
                 f"{total.item()}) at step {self.global_step}: stopping. The last good "
                 "checkpoint is kept; lower trainer.lr or check the data.")
         self.log("train/loss", loss, prog_bar=True)
+        if self.last_answer[1] > 0:
+            self.log("train/answer_loss", self.last_answer[0] / self.last_answer[1])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         for name, value in ctx.aux_losses.items():
             self.log(f"train/{name}", value)

@@ -45,7 +45,8 @@ TOLERANCES: tuple[tuple[str, float], ...] = (
     ("speed/", 0.5), ("time/", 1.0), ("cost/", 1e-9), ("chip/", 1e-6), ("", 1e-3))
 P_TOLERANCE = 0.02  # absolute, for p-values
 UNITS = {
-    "bpb": "bits/byte", "loss": "nats/token", "kv_bytes_per_token": "bytes/token",
+    "bpb": "bits/byte", "loss": "nats/token", "answer_loss": "nats/token",
+    "kv_bytes_per_token": "bytes/token",
     "train_flops_per_token": "FLOP/token", "params_total": "parameters",
     "params_active": "parameters", "train_tokens_per_s": "tokens/s", "acc": "accuracy",
 }
@@ -276,7 +277,8 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
 
     curves = _curves(study, runs)
     if curves is not None:
-        cols = [c for c in ("train/loss", "val/bpb") if c in curves.columns]
+        cols = [c for c in ("train/loss", "train/answer_loss", "val/bpb")
+                if c in curves.columns and curves[c].is_not_null().any()]
         fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
         for ax, col in zip(axes[0], cols):
             d = curves.filter(pl.col(col).is_not_null()).select("step", col, "experiment", "seed")
@@ -285,13 +287,17 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
                          errorbar=("ci", 95) if len(study.seeds) > 1 else None, marker="o",
                          markersize=3, ax=ax, legend=ax is axes[0][-1])
             ax.set(xlabel="training step", ylabel=_label(col), title=col)
+            if col == "train/answer_loss":  # a uniform guess over the 10 digits
+                ax.axhline(math.log(10), color="grey", ls="--", lw=1, label="chance (ln 10)")
         leg = axes[0][-1].get_legend()
         if leg is not None:
             sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="experiment")
         fig.suptitle(f"{study.name}: learning curves (mean over {len(study.seeds)} seed(s)"
                      + (", 95% CI band)" if len(study.seeds) > 1 else ")"))
-        save(fig, "learning_curves.png", "Learning curves: training loss and validation bits per byte "
-             "against the training step, one line per experiment")
+        save(fig, "learning_curves.png", "Learning curves: training loss"
+             + (", loss on task answer tokens (dashed: chance, ln 10 per digit)"
+                if "train/answer_loss" in cols else "")
+             + " and validation bits per byte against the training step, one line per experiment")
 
     records = [m for _, m in runs.values()]
     quality = next((q for q in ("val/bpb", "test/bpb") if all(q in m for m in records)), None)

@@ -115,12 +115,14 @@ class PlainProgress(Callback):
                   f"val/bpb {float(m['val/bpb']):.4f}", flush=True)
 
 
-CURVE_COLUMNS = ("step", "train/loss", "val/loss", "val/bpb")
+CURVE_COLUMNS = ("step", "train/loss", "train/answer_loss", "val/loss", "val/bpb")
 
 
 class CurveLog(Callback):
     """Learning curves for reports and DVC plots: ``curves.csv`` (step, train/loss every
-    ``every`` steps, val/loss and val/bpb at each validation) in the run directory.
+    ``every`` steps, train/answer_loss = the mean loss on task answer tokens since the
+    previous row (empty without a task mix), val/loss and val/bpb at each validation) in
+    the run directory.
 
     The history travels in the checkpoint (``state_dict``), so a resumed run writes the
     whole curve; the file is rewritten atomically at the end of fit (rank 0 only).
@@ -129,12 +131,19 @@ class CurveLog(Callback):
     def __init__(self, path: Path, every: int) -> None:
         self.path, self.every = path, every
         self.rows: dict[int, dict[str, float]] = {}
+        self.answer = [0.0, 0]  # answer loss summed since the last row, answer tokens
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        total, count = getattr(pl_module, "last_answer", (0.0, 0))
+        self.answer = [self.answer[0] + total, self.answer[1] + count]
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None and (step % self.every == 0 or step == trainer.max_steps):
-            self.rows.setdefault(step, {})["train/loss"] = float(loss)
+            row = self.rows.setdefault(step, {})
+            row["train/loss"] = float(loss)
+            if self.answer[1]:
+                row["train/answer_loss"] = self.answer[0] / self.answer[1]
+            self.answer = [0.0, 0]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
@@ -154,10 +163,11 @@ class CurveLog(Callback):
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": {int(k): dict(v) for k, v in self.rows.items()}}
+        return {"rows": {int(k): dict(v) for k, v in self.rows.items()}, "answer": list(self.answer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = {int(k): dict(v) for k, v in state_dict.get("rows", {}).items()}
+        self.answer = list(state_dict.get("answer", [0.0, 0]))
 
 
 def resolve_precision(precision: str, matmul_dtype: str) -> str:
@@ -272,7 +282,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
         log.warning(note)
     chip_figures = chips.chip_metrics(run_cfg.chip, run_cfg.model,
                                       presets={"v3_671b": chips.load_model_preset("v3_671b")})
-    lit = LitLM(model_cfg, t, token_bytes)
+    lit = LitLM(model_cfg, t, token_bytes, run_cfg.eval.answer_loss_weight)
     costs = measure_costs(lit, t.seq_len) if rank_zero else {}
     if model_cfg.engram.enabled:  # Engram hashes canonical ids of the trained vocabulary
         canonical, ratio = build_canonical_ids(tokenizer)

@@ -33,7 +33,12 @@ from v4lab.data.tasks import TaskMix
 
 
 class TrainWindows(Dataset):
-    """Seeded windows of the train shard. item i -> LongTensor [seq_len + 1]."""
+    """Seeded windows of the train shard.
+
+    item i -> (LongTensor [seq_len + 1], answer_len): ``answer_len`` is the number of answer
+    tokens ending a task sequence (they are the last ``answer_len`` tokens), 0 for a corpus
+    window; the LightningModule uses it to log (and optionally weight) the answer loss.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, num_samples: int, seed: int,
                  task_mix: TaskMix | None = None) -> None:
@@ -48,17 +53,17 @@ class TrainWindows(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self.task_mix is not None:
-            task = self.task_mix.sample(i)
-            if task is not None:
-                return torch.tensor(task, dtype=torch.long)
+            ex = self.task_mix.example(i)
+            if ex is not None:
+                return torch.tensor(ex.tokens, dtype=torch.long), len(ex.answer)
         pass_idx, j = divmod(i, self.n_slots)
         if pass_idx != self._perm_pass:
             rng = np.random.default_rng([self.seed, pass_idx])
             self._perm, self._perm_pass = rng.permutation(self.n_slots), pass_idx
         start = int(self._perm[j]) * self.seq_len
-        return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64)), 0
 
 
 class FixedWindows(Dataset):

@@ -384,12 +384,17 @@ class TaskMix:
         self.vocab, self.haystack, self.tasks = vocab, Haystack(tokens), list(tasks)
         self.share, self.seed, self.length, self.params = share, seed, length, params
 
-    def sample(self, i: int) -> list[int] | None:
-        """Task sequence of ``length`` tokens for sample i, or None (a corpus window)."""
+    def example(self, i: int) -> Example | None:
+        """Task example of ``length`` tokens for sample i, or None (a corpus window)."""
         if self.share <= 0 or not self.tasks:
             return None
         rng = np.random.default_rng([self.seed, i, self.TAG])
         if rng.random() >= self.share:
             return None
         task = self.tasks[int(rng.integers(len(self.tasks)))]
-        return generate(task, self.length, self.vocab, self.haystack, rng, self.params).tokens
+        return generate(task, self.length, self.vocab, self.haystack, rng, self.params)
+
+    def sample(self, i: int) -> list[int] | None:
+        """Token ids of :meth:`example` (prompt + answer), or None (a corpus window)."""
+        ex = self.example(i)
+        return None if ex is None else ex.tokens
