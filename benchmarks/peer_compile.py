@@ -21,8 +21,6 @@ from pathlib import Path
 import peer_speed as ps
 import torch
 
-from v4lab.peer import to_v4lab
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,19 +30,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "reports/perf_compile.md"))
     a = ap.parse_args()
-    import transformers
-
     torch.set_num_threads(a.threads)
-    cfg_args = argparse.Namespace(
-        hidden=256, layers=4, heads=4, nope=64, rope=32, v=64, rank=128, ffn=683, experts=16,
-        topk=4, shared=1, expert_dim=64, groups=4, topk_groups=2, dense_layers=1, vocab=4096,
-        prompt=2048, new=256, seq=512)
-    torch.manual_seed(0)
-    hf = transformers.DeepseekV3ForCausalLM(ps.hf_config(cfg_args)).train()
-    v4 = to_v4lab(hf)[0].train()
+    cfg, hf, v4 = ps.default_pair(seq=512)
+    hf.train(), v4.train()
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg_args.vocab, (8, cfg_args.seq), generator=g)
-    y = torch.randint(0, cfg_args.vocab, (8, cfg_args.seq), generator=g)
+    x = torch.randint(0, cfg.vocab, (8, cfg.seq), generator=g)
+    y = torch.randint(0, cfg.vocab, (8, cfg.seq), generator=g)
     # A compiled module wraps the original one: dispatch on what it wraps.
     ps.is_hf = lambda m: not isinstance(getattr(m, "_orig_mod", m), ps.Transformer)
     models = {"transformers": hf, "v4lab": v4}
@@ -64,35 +55,24 @@ def main() -> None:
             if rep:
                 times[name].append(dt)
         print(f"round {rep}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t), flush=True)
-    load1 = os.getloadavg()
     med = {n: statistics.median(t) for n, t in times.items()}
-    tokens = x.numel()
-    lines = [
-        "# torch.compile and the training step: v4lab vs transformers",
-        "",
-        f"Command: `PYTHONPATH=src python3 benchmarks/peer_compile.py --threads {a.threads} "
-        f"--repeats {a.repeats}`",
-        "",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{os.cpu_count()} logical CPUs, torch.set_num_threads({a.threads}); load average "
-        f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end",
-        "- config: benchmarks/peer_speed.py defaults (hidden 256, 4 layers, 16 routed experts "
-        "top-4 + 1 shared, q/kv ranks 128), fp32, batch 8 x 512, forward + backward",
-        f"- compile time (first step of each compiled model): transformers "
+    lines = ps.report_header(
+        "torch.compile and the training step: v4lab vs transformers",
+        f"PYTHONPATH=src python3 benchmarks/peer_compile.py --threads {a.threads} --repeats {a.repeats}",
+        a.threads, load0, os.getloadavg())
+    lines += [
+        f"- batch 8 x 512; compile time (first step of each compiled model): transformers "
         f"{compile_s['transformers']:.0f} s, v4lab {compile_s['v4lab']:.0f} s",
-        "",
-        f"Median of {a.repeats} alternating runs after a warm-up round:",
-        "",
+        "", f"Median of {a.repeats} alternating runs after a warm-up round:", "",
         "| implementation | s / step | tokens/s | min-max s | vs eager transformers "
         "| vs compiled transformers |",
         "|---|---|---|---|---|---|",
     ]
     for name, t in times.items():
-        lines.append(f"| {name} | {med[name]:.3f} | {tokens / med[name]:,.0f} | {min(t):.3f}-{max(t):.3f} "
+        lines.append(f"| {name} | {med[name]:.3f} | {x.numel() / med[name]:,.0f} | {min(t):.3f}-{max(t):.3f} "
                      f"| {med['transformers'] / med[name]:.2f}x "
                      f"| {med['transformers (torch.compile)'] / med[name]:.2f}x |")
-    Path(a.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    ps.publish(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,8 @@ def decode(model, prompt: torch.Tensor, new: int, bf16: bool
     return prefill, per_token, out_tokens, kv_bytes
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark model's DeepseekV3Config sizes as command-line flags."""
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -180,10 +180,47 @@ def main() -> None:
     ap.add_argument("--topk-groups", dest="topk_groups", type=int, default=2)
     ap.add_argument("--dense-layers", dest="dense_layers", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=256)
+    return ap
+
+
+def default_pair(seq: int = 512) -> tuple:
+    """(config args, transformers model, v4lab model) at the default sizes, same weights."""
+    import transformers
+
+    a = add_model_args(argparse.ArgumentParser()).parse_args([])
+    a.seq = seq
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(a))
+    return a, hf, to_v4lab(hf)[0]
+
+
+def report_header(title: str, command: str, threads: int, load0, load1) -> list[str]:
+    """The common head of the side-by-side training-step reports."""
+    import transformers
+
+    return [
+        f"# {title}", "", f"Command: `{command}`", "",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} "
+        f"logical CPUs, torch.set_num_threads({threads}); load average {load0[0]:.1f} at the "
+        f"start, {load1[0]:.1f} at the end",
+        "- config: benchmarks/peer_speed.py defaults (hidden 256, 4 layers, 16 routed experts "
+        "top-4 + 1 shared, q/kv ranks 128), fp32, forward + backward of the LM loss",
+    ]
+
+
+def publish(out: str, lines: list[str]) -> None:
+    """Print a markdown report and write it to ``out``."""
+    text = "\n".join(lines) + "\n"
+    Path(out).write_text(text)
+    print(text, end="")
+
+
+def main() -> None:
+    ap = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-repeats", dest="decode_repeats", type=int, default=2)

@@ -57,6 +57,9 @@ def test_welch_p_matches_a_naive_welch_test():
     assert welch_p(a, b) == pytest.approx(naive, rel=1e-6)
     assert math.isnan(welch_p([1.0], b))
     assert welch_p([5.0, 5.0], [5.0, 5.0]) == 1.0 and welch_p([5.0, 5.0], [6.0, 6.0]) == 0.0
+    # spread at round-off level is no spread: deterministic figures are compared exactly
+    assert welch_p([204.553, 204.553 * (1 + 1e-15)], [949.5, 949.5]) == 0.0
+    assert mean_ci([204.553, 204.553 * (1 + 1e-15), 204.553])[1] == 0.0
 
 
 # --- a synthetic study --------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def mean_ci(values: list[float], alpha: float = ALPHA) -> tuple[float, float]:
     mean = sum(values) / n
     if n < 2:
         return mean, math.nan
+    if _constant(values):  # a deterministic figure; round-off is not an interval
+        return mean, 0.0
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, float(stats.t.ppf(1 - alpha / 2, n - 1)) * sd / math.sqrt(n)
 
@@ -74,18 +76,22 @@ def mean_ci(values: list[float], alpha: float = ALPHA) -> tuple[float, float]:
 def welch_p(a: list[float], b: list[float]) -> float:
     """Two-sided p-value of Welch's t-test of mean(a) = mean(b); nan if either n < 2.
 
-    Two groups without variance (deterministic figures such as parameter counts) are
-    either equal (p = 1) or differ exactly (p = 0).
+    Two groups without variance (deterministic figures such as parameter counts; spread
+    below 1e-9 of the values counts as round-off) are either equal (p = 1) or differ
+    exactly (p = 0).
     """
     from scipy import stats
 
     if len(a) < 2 or len(b) < 2:
         return math.nan
-    va = sum((x - sum(a) / len(a)) ** 2 for x in a)
-    vb = sum((x - sum(b) / len(b)) ** 2 for x in b)
-    if va == 0 and vb == 0:
-        return 1.0 if sum(a) / len(a) == sum(b) / len(b) else 0.0
+    if _constant(a) and _constant(b):
+        return 1.0 if math.isclose(sum(a) / len(a), sum(b) / len(b), rel_tol=1e-9) else 0.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _constant(values: list[float]) -> bool:
+    """No spread beyond round-off (relative 1e-9)."""
+    return max(values) - min(values) <= 1e-9 * max(abs(v) for v in values)
 
 
 # --- collecting runs ----------------------------------------------------------------------
@@ -166,7 +172,9 @@ def check_metrics(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]]) ->
 
 def summarize(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]]) -> pl.DataFrame:
     """One row per experiment (manifest order): n, and per metric ``<m> mean``, ``<m> ci95``,
-    ``<m> delta``, ``<m> p``, ``<m> significant`` (string metrics: ``<m>`` only)."""
+    ``<m> delta``, ``<m> p``, ``<m> significant``, ``<m> exact`` (no spread in this row nor
+    the baseline's: a deterministic figure, compared without a test; string metrics:
+    ``<m>`` only)."""
     check_metrics(study, runs)
     by_exp = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.experiments}
     base = by_exp[study.baseline]
@@ -190,6 +198,7 @@ def summarize(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]]) -> pl.
                 row[f"{metric} p"] = welch_p(values, ref)
             p = row[f"{metric} p"]
             row[f"{metric} significant"] = bool(p < ALPHA) if not math.isnan(p) else None
+            row[f"{metric} exact"] = len(values) > 1 and _constant(values) and _constant(ref)
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
 
@@ -226,6 +235,9 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
             else:
                 p, sig = row[f"{metric} p"], row[f"{metric} significant"]
                 sign = "+" if row[f"{metric} delta"] > 0 else ""
+                if row[f"{metric} exact"]:  # deterministic figure: no test to make
+                    cells.append(f"{sign}{fmt(row[f'{metric} delta'])} (exact)" if p == 0 else "0 (exact)")
+                    continue
                 p_text = "n/a" if math.isnan(p) else f"{p:.3g}"
                 cells.append(f"{sign}{fmt(row[f'{metric} delta'])} (p={p_text})" + (" *" if sig else ""))
         lines.append("| " + " | ".join(cells) + " |")
