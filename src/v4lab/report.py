@@ -296,7 +296,7 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
             d = curves.filter(pl.col(col).is_not_null()).select("step", col, "experiment", "seed")
             d = d.to_dict(as_series=False)
             sns.lineplot(d, x="step", y=col, hue="experiment", hue_order=order, palette=palette,
-                         errorbar=("ci", 95) if len(study.seeds) > 1 else None, marker="o",
+                         errorbar=("ci", 95) if len(study.seeds) > 1 else None, seed=0, marker="o",
                          markersize=3, ax=ax, legend=ax is axes[0][-1])
             ax.set(xlabel="training step", ylabel=_label(col), title=col)
             if col == "train/answer_loss":  # a uniform guess over the 10 digits
@@ -354,7 +354,7 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
         d = pl.DataFrame(rows).to_dict(as_series=False)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=order, palette=palette,
-                     style="task", marker="o", errorbar=("ci", 95) if len(study.seeds) > 1 else None, ax=ax)
+                     style="task", marker="o", errorbar=("ci", 95) if len(study.seeds) > 1 else None, seed=0, ax=ax)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
                ylim=(-0.02, 1.02), title=f"{study.name}: accuracy vs context length")
