@@ -354,7 +354,8 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
         d = pl.DataFrame(rows).to_dict(as_series=False)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=order, palette=palette,
-                     style="task", marker="o", errorbar=("ci", 95) if len(study.seeds) > 1 else None, seed=0, ax=ax)
+                     style="task", marker="o", errorbar=("ci", 95) if len(study.seeds) > 1 else None,
+                     seed=0, ax=ax)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
                ylim=(-0.02, 1.02), title=f"{study.name}: accuracy vs context length")
