@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from v4lab.model import Transformer
 from v4lab.peer import to_v4lab
+from v4lab.train import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,9 +212,9 @@ def report_header(title: str, command: str, threads: int, load0, load1) -> list[
 
 
 def publish(out: str, lines: list[str]) -> None:
-    """Print a markdown report and write it to ``out``."""
+    """Print a markdown report and write it to ``out`` atomically."""
     text = "\n".join(lines) + "\n"
-    Path(out).write_text(text)
+    atomic_write_text(Path(out), text)
     print(text, end="")
 
 
@@ -471,12 +472,7 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         for phase, name, _, _, top in prof:
             lines.append(f"- {phase}, {name}: " + ", ".join(f"{op[6:]} {ms:.1f}" for op, ms in top))
         lines.append("")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    print("\n".join(lines))
+    publish(a.out, lines)
 
 
 if __name__ == "__main__":
