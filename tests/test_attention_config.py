@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from v4lab.errors import ConfigError
 from v4lab.model import ModelConfig, Transformer
-from v4lab.modules.args import AttentionConfig, ConfigError, KVCacheConfig, SparseConfig
+from v4lab.modules.args import AttentionConfig, KVCacheConfig, SparseConfig
 
 
 def model_cfg(**attn) -> ModelConfig:

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from v4lab import chips
+from v4lab.errors import ConfigError
 from v4lab.model import ModelConfig, Transformer
-from v4lab.modules.args import AttentionConfig, ConfigError, KVCacheConfig, MoEConfig
+from v4lab.modules.args import AttentionConfig, KVCacheConfig, MoEConfig
 
 ALL_CHIPS = ("nvidia_h800", "nvidia_h20", "nvidia_h100", "ascend_910b", "ascend_910c",
              "ascend_950", "cambricon_mlu590", "cambricon_mlu370", "cpu_host")

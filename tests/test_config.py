@@ -10,7 +10,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF, ROOT, compose
 from v4lab.config import load_run_config
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
+from v4lab.errors import ConfigError
 from v4lab.model import ModelConfig, Transformer
-from v4lab.modules.args import AttentionConfig, ConfigError, EngramConfig, KVCacheConfig
+from v4lab.modules.args import AttentionConfig, EngramConfig, KVCacheConfig
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.engram import Engram, engram_params, engram_table_params, table_primes
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from v4lab.errors import ConfigError
 from v4lab.model import ModelConfig, Transformer
-from v4lab.modules.args import ConfigError, MoEConfig
+from v4lab.modules.args import MoEConfig
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.ffn import SwiGLU
 from v4lab.modules.moe import MoE, sequence_balance_loss

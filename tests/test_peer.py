@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import transformers  # a dev extra (pyproject [dev]); CI installs it
 
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 from v4lab.peer import from_v4lab, hf_state_to_v4lab, model_config_from_hf, to_hf_config, to_v4lab
 
 pytestmark = pytest.mark.peer

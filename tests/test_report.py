@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from v4lab import report
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 from v4lab.report import ReportError, build, compare, mean_ci, summarize, welch_p
 from v4lab.studies import load_study
 

@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT, TINY_DATA, Crash, compose
 from v4lab.config import load_run_config
 from v4lab.data.datamodule import ResumableSampler
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 from v4lab.studies import Study, collect, load_study, multirun_command
 from v4lab.train import train
 

@@ -18,7 +18,7 @@ from v4lab.data.tasks import (
     generate,
     min_length,
 )
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 
 
 def fake_encode(text: str) -> list[int]:

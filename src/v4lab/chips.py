@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from v4lab.modules.args import KV_DTYPES, ConfigError, require, require_choice
+from v4lab.errors import ConfigError, require, require_choice
+from v4lab.modules.args import KV_DTYPES
 
 CONFIDENCES = ("high", "medium", "low", "roadmap", "unverified")
 MARKED_CONFIDENCES = ("low", "roadmap", "unverified")

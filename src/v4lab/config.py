@@ -14,9 +14,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from v4lab.chips import ChipConfig
+from v4lab.errors import ConfigError, require, require_choice, require_positive
 from v4lab.evaluate import EvalConfig
 from v4lab.model import ModelConfig
-from v4lab.modules.args import ConfigError, require, require_choice, require_positive
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "fsdp")

@@ -49,7 +49,7 @@ from v4lab.data.tasks import (
     generate,
     min_length,
 )
-from v4lab.modules.args import ConfigError, require, require_positive
+from v4lab.errors import ConfigError, require, require_positive
 
 
 @dataclass

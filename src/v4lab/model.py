@@ -21,13 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4lab.modules.args import (
-    AttentionConfig,
-    EngramConfig,
-    MoEConfig,
-    require,
-    require_positive,
-)
+from v4lab.errors import require, require_positive
+from v4lab.modules.args import AttentionConfig, EngramConfig, MoEConfig
 from v4lab.modules.attention import MultiHeadAttention
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.ffn import SwiGLU

@@ -43,16 +43,9 @@ from typing import Any
 
 import torch
 
+from v4lab.errors import ConfigError, require
 from v4lab.model import ModelConfig, Transformer
-from v4lab.modules.args import (
-    AttentionConfig,
-    ConfigError,
-    EngramConfig,
-    KVCacheConfig,
-    MoEConfig,
-    SparseConfig,
-    require,
-)
+from v4lab.modules.args import AttentionConfig, EngramConfig, KVCacheConfig, MoEConfig, SparseConfig
 
 _ATTN = {  # transformers name -> v4lab name (within a layer's attention)
     "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "q_proj": "wq",

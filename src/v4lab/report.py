@@ -34,7 +34,7 @@ from typing import Any
 
 import polars as pl
 
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 from v4lab.studies import RUN_BASES, Study, available_studies, find_root, load_study
 
 ALPHA = 0.05  # two-sided: 95% confidence intervals, "significant" means p < ALPHA

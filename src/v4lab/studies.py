@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 
 LAUNCHERS = ("basic", "local", "slurm")
 RUN_BASES = ("multirun", "outputs")

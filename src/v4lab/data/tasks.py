@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from v4lab.modules.args import ConfigError
+from v4lab.errors import ConfigError
 
 MIN_HAYSTACK = 8  # corpus tokens a sequence must keep besides the task's own lines
 

@@ -8,26 +8,8 @@ value and what is allowed, so a wrong config fails before any training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names key, value and what is allowed."""
-
-
-def require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise :class:`ConfigError` for ``key=value`` unless ``ok``; ``allowed`` says what is."""
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    require(value in choices, key, value, f"one of {', '.join(map(repr, choices))}")
-
-
-def require_positive(key: str, value: Any) -> None:
-    require(isinstance(value, int) and value > 0, key, value, "a positive integer")
-
+from v4lab.errors import require, require_choice, require_positive
 
 KV_DTYPES = ("fp32", "bf16", "fp8", "int8")
 KV_SCALE_FORMATS = ("fp32", "ue8m0")
