@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from v4lab.data.prepare import DataError
+from v4lab.errors import ConfigError
 from v4lab.lit import NonFiniteLossError
-from v4lab.modules.args import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

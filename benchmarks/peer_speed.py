@@ -35,16 +35,15 @@ import copy
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from v4lab.io import atomic_write_text, git_rev
 from v4lab.model import Transformer
 from v4lab.peer import to_v4lab
-from v4lab.train import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -373,14 +372,6 @@ def _categorise(p) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
     return total, cats, top
 
 
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_flops,
                  dec_flops, hf_dec_flops, tf_version, prof) -> None:
     r, dr, h = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
@@ -390,7 +381,7 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         "",
         "Command: `PYTHONPATH=src python3 benchmarks/peer_speed.py "
         f"--threads {a.threads} --repeats {a.repeats} --decode-repeats {a.decode_repeats}` "
-        f"(code at git {git_rev()})",
+        f"(code at git {git_rev(short=True)})",
         "",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"{platform.platform()}; torch {torch.__version__}, transformers {tf_version}, "

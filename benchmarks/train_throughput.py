@@ -37,13 +37,11 @@ def main(overrides: list[str]) -> None:
     overrides = [o for o in overrides if o not in threads]
     if threads:
         torch.set_num_threads(int(threads[0].split("=", 1)[1]))
-    from hydra import compose, initialize_config_dir
-
     from v4lab.config import load_run_config
+    from v4lab.io import compose
     from v4lab.lit import LitLM
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = load_run_config(compose("config", overrides=overrides or ["+experiment=baseline"]))
+    cfg = load_run_config(compose(overrides or ["+experiment=baseline"]))
     t = cfg.trainer
     torch.manual_seed(0)
     lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from v4lab import chips
 from v4lab.errors import ConfigError
+from v4lab.io import atomic_write_json
 from v4lab.model import ModelConfig, Transformer
 from v4lab.modules.args import AttentionConfig, KVCacheConfig, MoEConfig
 
@@ -29,7 +30,7 @@ FAKE_HOST = {"cpu": "fake", "torch": "x", "threads": 1, "when": "now", "fp32_tfl
 def _host_cache(tmp_path, monkeypatch):
     """Every test gets its own host-peak cache, pre-filled with fake figures (no timing)."""
     monkeypatch.setenv("V4LAB_CACHE_DIR", str(tmp_path / "cache"))
-    chips._atomic_write_json(chips.host_cache_path(), {chips.host_key(): FAKE_HOST})
+    atomic_write_json(chips.host_cache_path(), {chips.host_key(): FAKE_HOST}, indent=1, sort_keys=True)
 
 
 def _raw(name: str) -> dict:
@@ -529,8 +530,8 @@ def test_cost_model_counts_equal_the_built_model(name):
     """Params (total, active) and KV bytes per token from the roofline's arithmetic equal
     those of the real model (MLA/MHA, sparse indexer cache, fp8/int8/bf16 KV, MoE, Engram),
     the KV bytes measured from the stored cache tensors after a real decode."""
-    from conftest import compose
     from v4lab.config import load_run_config
+    from v4lab.io import compose
 
     cfg = load_run_config(compose([f"+experiment={name}", "trainer=smoke"]))
     model_cfg, _, _ = chips.apply_numerics(cfg.chip, cfg.model)

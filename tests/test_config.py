@@ -8,9 +8,10 @@ import sys
 import pytest
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF, ROOT, compose
+from conftest import CONF, ROOT
 from v4lab.config import load_run_config
 from v4lab.errors import ConfigError
+from v4lab.io import compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

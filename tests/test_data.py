@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from v4lab.config import DataConfig
+from v4lab.data.config import DataConfig
 from v4lab.data.datamodule import ResumableSampler, TrainWindows
 from v4lab.data.prepare import (
     DataError,

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose
 from v4lab.config import load_run_config
+from v4lab.data.config import EvalConfig
 from v4lab.data.tasks import TASKS, Haystack, TaskParams, TaskVocab, random_guess
 from v4lab.errors import ConfigError
-from v4lab.evaluate import EvalConfig, evaluate, greedy_decode, task_examples
+from v4lab.evaluate import evaluate, greedy_decode, task_examples
+from v4lab.io import compose
 from v4lab.model import ModelConfig, Transformer
 from v4lab.modules.args import AttentionConfig, EngramConfig, KVCacheConfig, SparseConfig
 

@@ -162,6 +162,23 @@ def test_check_prints_every_moved_cell(tmp_path):
         "row 'baseline' only in the reference table"]
 
 
+def test_check_tolerates_round_off_in_a_tiny_delta_across_cpus(tmp_path):
+    """Issue 18: after a clean `dvc repro smoke` on another CPU, `check` failed on
+    `full / val/loss delta` because a relative tolerance was applied to a difference of
+    1e-6. A delta may move by twice its mean's tolerance; a real move is still caught."""
+    root, study = _fake_root(tmp_path)
+    table = summarize(study, report.load_runs(study, root))
+    mean = table.filter(pl.col("experiment") == "mha")["val/bpb mean"].item()
+
+    def with_delta(delta: float) -> pl.DataFrame:
+        return table.with_columns(pl.when(pl.col("experiment") == "mha").then(pl.lit(delta))
+                                  .otherwise(pl.col("val/bpb delta")).alias("val/bpb delta"))
+
+    assert compare(with_delta(1e-6), with_delta(3e-6)) == []  # round-off on another CPU
+    moved = compare(with_delta(0.0), with_delta(3e-3 * mean))  # beyond 2 x 1e-3 x mean
+    assert len(moved) == 1 and moved[0].startswith("mha / val/bpb delta")
+
+
 # --- DVC ----------------------------------------------------------------------------------------
 
 

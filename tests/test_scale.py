@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY_DATA, Crash, compose
+from conftest import ROOT, TINY_DATA, Crash
 from v4lab.config import load_run_config
 from v4lab.data.datamodule import ResumableSampler
 from v4lab.errors import ConfigError
+from v4lab.io import compose
 from v4lab.studies import Study, collect, load_study, multirun_command
 from v4lab.train import train
 
@@ -193,6 +194,16 @@ def test_local_parallel_multirun_gives_separate_run_dirs_and_wandb_runs(tmp_path
 # Every piece on (sparse MLA, VVPA, FP8 KV, Engram, MoE with its balancing bias): the
 # DDP results must match one process for all of them.
 DDP_EXPERIMENT = "full"
+# How close DDP's final loss must be to one process's. The two sum the gradient in a
+# different order (two half-batch sums then an all-reduce), a ~1e-7 relative difference
+# per step, which Adam's normalised update (g / sqrt(v) on small-v entries) and MoE's
+# discrete top-k routing amplify over 12 steps: measured 5e-7 to 2.5e-4 nats on Intel and
+# AMD CPUs and kernel sets, so no fixed round-off bound covers it. What the test must
+# catch is DDP training something else (another batch split, a loss mean over one rank's
+# tokens, an unsynchronised bias): that moves the loss like another seed does, ~5e-2
+# nats (seed SD of the published runs). 2e-3 sits 8x above the largest drift seen and 25x
+# below that.
+DDP_LOSS_TOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +224,7 @@ def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, si
     the only metrics.json and opens the only W&B run. Both runs use the same global batch
     (4 sequences: 2 per process under DDP), the same per-token mean loss over it and the
     same MoE load (summed over ranks), hence the same training up to float reduction
-    order: the final val/loss agrees to 1e-4 (measured: 5e-7 on corpus-only data, 1.2e-5
-    with the long-context task mix) and the MoE bias exactly."""
+    order, and the MoE bias exactly. See DDP_LOSS_TOL for how close the losses must be."""
     run_dir, logs = tmp_path / "ddp", tmp_path / "logs"
     r = _run(_ddp_cpu_args(run_dir, data_root, logs), WANDB_MODE="offline")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -226,8 +236,8 @@ def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, si
     assert r.stdout.count("step 12/12  train/loss") == 1  # progress from rank 0 only
     single = single_process
     assert "train/processes" not in single
-    assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=1e-4)
-    assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=1e-4)
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=DDP_LOSS_TOL)
+    assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=DDP_LOSS_TOL)
     assert ddp["cost/params_total"] == single["cost/params_total"]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     ref = torch.load(Path(single["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -257,7 +267,7 @@ def test_ranks_started_by_slurm_train_together_with_rank_zero_outputs(tmp_path, 
     assert len(list(tmp_path.rglob("metrics.json"))) == 1 and len(_wandb_runs(logs)) == 1
     assert sum(o.count("[data] prepared") for o in outs) == 1  # one rank built it, one waited
     assert "run dir" in outs[0] and "run dir" not in outs[1]  # the summary comes from rank 0
-    assert metrics["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-4)
+    assert metrics["val/loss"] == pytest.approx(single_process["val/loss"], abs=DDP_LOSS_TOL)
 
 
 
@@ -325,7 +335,7 @@ def test_ddp_cpu_killed_run_resumes_onto_the_same_batches(tmp_path, smoke_overri
     assert ckpt["global_step"] == 4 and not (tmp_path / "metrics.json").exists()
     resumed = train(cfg, tmp_path)
     assert resumed["train/steps"] == 12 and resumed["train/processes"] == 2
-    assert resumed["val/loss"] == pytest.approx(single_process["val/loss"], abs=1e-4)
+    assert resumed["val/loss"] == pytest.approx(single_process["val/loss"], abs=DDP_LOSS_TOL)
     assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ  # launcher cleaned up
 
 

@@ -155,9 +155,10 @@ def test_real_tokenizer_pieces(data_root):
     """The project's byte-level BPE encodes digits and letters as single tokens."""
     from tokenizers import Tokenizer
 
-    from conftest import TINY_DATA, compose
+    from conftest import TINY_DATA
     from v4lab.config import load_run_config
     from v4lab.data.prepare import prepare
+    from v4lab.io import compose
 
     cfg = load_run_config(compose(["trainer=smoke", f"data.root={data_root}", *TINY_DATA]))
     tok = Tokenizer.from_file(str(prepare(cfg.data, log=lambda *a: None) / "tokenizer.json"))

@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, Crash, compose
+from conftest import ROOT, Crash
+from v4lab.io import compose
 from v4lab.lit import NonFiniteLossError, lr_lambda
 from v4lab.train import train
 

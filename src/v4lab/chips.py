@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from v4lab.errors import ConfigError, require, require_choice
+from v4lab.io import CONF_DIR, atomic_write_json, compose
 from v4lab.modules.args import KV_DTYPES
 
 CONFIDENCES = ("high", "medium", "low", "roadmap", "unverified")
@@ -48,7 +48,6 @@ ON_UNSUPPORTED = ("error", "fallback")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 SCALE_BYTES = {"fp32": 4, "ue8m0": 1}
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,18 +391,6 @@ def _measure() -> dict[str, Any]:
     }
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def measure_host(refresh: bool = False) -> dict[str, Any]:
     """This host's peaks (fp32/bf16 matmul TFLOP/s, copy bandwidth TB/s, memory GB),
     timed once (~3 s) and cached in ``host_cache_path()`` keyed by CPU model, torch
@@ -418,7 +405,7 @@ def measure_host(refresh: bool = False) -> dict[str, Any]:
     if not refresh and key in cache:
         return cache[key]
     cache[key] = _measure()
-    _atomic_write_json(path, cache)
+    atomic_write_json(path, cache, indent=1, sort_keys=True)
     return cache[key]
 
 
@@ -902,15 +889,6 @@ def _fmt(v: Any) -> str:
     if v >= 100:
         return f"{v:.0f}"
     return f"{v:.3g}"
-
-
-def compose(overrides: list[str], conf_dir: Path | str | None = None) -> Any:
-    """Compose the project's Hydra config with ``overrides``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(Path(conf_dir or CONF_DIR)), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def chip_from_cfg(chip_node: Any) -> ChipConfig:

@@ -14,44 +14,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from v4lab.chips import ChipConfig
+from v4lab.data.config import DataConfig, EvalConfig
 from v4lab.errors import ConfigError, require, require_choice, require_positive
-from v4lab.evaluate import EvalConfig
 from v4lab.model import ModelConfig
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
-
-
-@dataclass
-class DataConfig:
-    """Corpus and tokenizer.
-
-    source: ``stdlib`` (this Python's standard library source) or a directory of code.
-    include / exclude: glob patterns (relative to the source root) selecting files.
-    max_files: keep only the first N files in path order (0 = all); for smoke corpora.
-    root: where prepared corpora live (one folder per source + settings).
-    """
-
-    source: str = "stdlib"
-    include: list[str] = field(default_factory=lambda: ["**/*.py"])
-    exclude: list[str] = field(default_factory=list)
-    max_files: int = 0
-    vocab_size: int = 4096
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    root: str = "data"
-
-    def validate(self, path: str = "data") -> None:
-        require(bool(self.source), f"{path}.source", self.source,
-                "'stdlib' or a directory of source files")
-        require(self.vocab_size >= 257, f"{path}.vocab_size", self.vocab_size,
-                ">= 257 (256 byte symbols + the end-of-text token)")
-        require(self.vocab_size <= 65535, f"{path}.vocab_size", self.vocab_size,
-                "<= 65535 (tokens are stored as uint16)")
-        require(self.max_files >= 0, f"{path}.max_files", self.max_files, ">= 0 (0 = all files)")
-        for key in ("val_fraction", "test_fraction"):
-            v = getattr(self, key)
-            require(0 < v < 0.5, f"{path}.{key}", v, "a fraction in (0, 0.5)")
 
 
 @dataclass
@@ -210,5 +178,5 @@ def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     return run_cfg.validate()
 
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "LoggerConfig", "RunConfig", "TrainerConfig",
+__all__ = ["LoggerConfig", "RunConfig", "TrainerConfig",
            "load_run_config"]

@@ -6,7 +6,7 @@ command line is the whole sweep, ``-m`` included, and Hydra's run dir is not the
 sweep dir), inside a joblib worker (``sys.argv`` is the worker's), and under pytest. So
 v4lab starts the extra local processes itself, from the run's own resolved config: rank 0
 writes ``<run_dir>/config.yaml`` before training, and each extra process runs
-``python -m v4lab.distributed <run_dir>``, which loads that file and calls the same
+``python -m v4lab.worker <run_dir>``, which loads that file and calls the same
 :func:`v4lab.train.train`. The environment (``MASTER_ADDR``, ``LOCAL_RANK``, ...) is set
 exactly as Lightning's launcher sets it. Where processes are created outside
 (SLURM with ``ntasks-per-node = devices``, torchrun), Lightning takes the ranks from the
@@ -71,7 +71,7 @@ class _Watchdog(threading.Thread):
 
 
 class RunScriptLauncher(_SubprocessScriptLauncher):
-    """Lightning's subprocess launcher, but the workers run ``python -m v4lab.distributed
+    """Lightning's subprocess launcher, but the workers run ``python -m v4lab.worker
     <run_dir>`` (the run's saved config) instead of re-executing ``sys.argv``, and a
     :class:`_Watchdog` replaces Lightning's process observer."""
 
@@ -109,7 +109,7 @@ class RunScriptLauncher(_SubprocessScriptLauncher):
         os.environ["NODE_RANK"] = str(env.node_rank())
         os.environ["LOCAL_RANK"] = str(env.local_rank())
         os.environ["WORLD_SIZE"] = str(self.num_processes * self.num_nodes)
-        command = [sys.executable, "-m", "v4lab.distributed", str(self.run_dir.resolve())]
+        command = [sys.executable, "-m", "v4lab.worker", str(self.run_dir.resolve())]
         for local_rank in range(1, self.num_processes):
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             self.procs.append(subprocess.Popen(command, env=child_env, cwd=os.getcwd()))
@@ -184,25 +184,3 @@ def finish_launch(strategy, ok: bool, timeout: float = 120.0) -> None:
             proc.wait()
     for key in _LAUNCH_ENV:
         os.environ.pop(key, None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Worker entry: ``python -m v4lab.distributed RUN_DIR`` (started by the launcher)."""
-    from omegaconf import OmegaConf
-
-    from v4lab.config import load_run_config
-    from v4lab.train import train
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or "LOCAL_RANK" not in os.environ:
-        print("usage: python -m v4lab.distributed RUN_DIR (started by v4lab's DDP launcher, "
-              "with LOCAL_RANK set; not meant to be run by hand)", file=sys.stderr)
-        return 2
-    run_dir = Path(args[0])
-    cfg = load_run_config(OmegaConf.load(run_dir / "config.yaml"))
-    train(cfg, run_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,87 +32,24 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from v4lab.data.config import EvalConfig
 from v4lab.data.tasks import (
     DEFAULT_PARAMS,
     TASKS,
     Haystack,
     TaskParams,
     TaskVocab,
-    check_task,
     generate,
     min_length,
 )
-from v4lab.errors import ConfigError, require, require_positive
-
-
-@dataclass
-class EvalConfig:
-    """The long-context task suite: what a run mixes into training and evaluates at the end.
-
-    tasks / contexts: the evaluation grid (context = prompt + answer tokens).
-    n_examples: examples per (task, context); batch_size: examples decoded together.
-    seed: seed of the held-out examples (training mixes use the run's seed).
-    allow_extrapolation: evaluate contexts beyond model.max_seq_len (RoPE has no hard
-      limit; the check guards against asking for it by mistake).
-    prefill_chunk: prompt tokens per cached forward (bounds the attention scores' memory).
-    timing_tokens: decode steps timed per context for speed/decode_ms_per_token.
-    train_share: share of training windows replaced by task sequences (0 = none).
-    train_tasks: tasks mixed into training (empty = ``tasks``).
-    answer_loss_weight: w in the training objective LM mean + w * (mean loss over the
-      answer tokens of the mixed task sequences); 0 = the plain LM loss.
-    enabled: evaluate at the end of every run.
-    """
-
-    enabled: bool = True
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    contexts: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
-    n_examples: int = 8
-    batch_size: int = 8
-    seed: int = 1234
-    allow_extrapolation: bool = False
-    prefill_chunk: int = 512
-    timing_tokens: int = 8
-    train_share: float = 0.0
-    train_tasks: list[str] = field(default_factory=list)
-    answer_loss_weight: float = 0.0
-
-    def validate(self, path: str = "eval", max_seq_len: int | None = None) -> EvalConfig:
-        require(len(self.tasks) > 0, f"{path}.tasks", self.tasks, f"a non-empty list of: {', '.join(TASKS)}")
-        for t in self.tasks:
-            check_task(t, f"{path}.tasks")
-        for t in self.train_tasks:
-            check_task(t, f"{path}.train_tasks")
-        require(len(self.contexts) > 0, f"{path}.contexts", self.contexts, "a non-empty list of lengths")
-        for c in self.contexts:
-            require(isinstance(c, int) and c > 0, f"{path}.contexts", self.contexts,
-                    "positive integer lengths")
-        require(len(set(self.contexts)) == len(self.contexts), f"{path}.contexts", self.contexts,
-                "distinct lengths")
-        for key in ("n_examples", "batch_size", "prefill_chunk", "timing_tokens"):
-            require_positive(f"{path}.{key}", getattr(self, key))
-        require(isinstance(self.seed, int) and self.seed >= 0, f"{path}.seed", self.seed,
-                "a non-negative integer")
-        require(0.0 <= self.train_share <= 1.0, f"{path}.train_share", self.train_share, "in [0, 1]")
-        require(self.answer_loss_weight >= 0, f"{path}.answer_loss_weight", self.answer_loss_weight,
-                ">= 0")
-        if max_seq_len is not None and not self.allow_extrapolation:
-            beyond = [c for c in self.contexts if c > max_seq_len]
-            require(not beyond, f"{path}.contexts", self.contexts,
-                    f"lengths <= model.max_seq_len={max_seq_len} (the model's rotary range); "
-                    f"{beyond} lie beyond it: set {path}.allow_extrapolation=true to evaluate "
-                    "them anyway, or drop them")
-        return self
-
-    @property
-    def mixed_tasks(self) -> list[str]:
-        return list(self.train_tasks or self.tasks)
+from v4lab.errors import ConfigError, require
 
 
 def check_lengths(cfg: EvalConfig, vocab: TaskVocab, params: TaskParams = DEFAULT_PARAMS,
@@ -327,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(ckpt)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
     dest = Path(out) if out else run_dir / "eval.json"
-    from v4lab.train import atomic_write_text
+    from v4lab.io import atomic_write_text
 
     record: dict[str, Any] = {"ckpt": str(ckpt), "eval": asdict(cfg), **metrics}
     atomic_write_text(dest, json.dumps(record, indent=2) + "\n")

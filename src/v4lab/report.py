@@ -35,6 +35,7 @@ from typing import Any
 import polars as pl
 
 from v4lab.errors import ConfigError
+from v4lab.io import atomic_write_text, git_rev
 from v4lab.studies import RUN_BASES, Study, available_studies, find_root, load_study
 
 ALPHA = 0.05  # two-sided: 95% confidence intervals, "significant" means p < ALPHA
@@ -384,20 +385,6 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
 # --- building and publishing -----------------------------------------------------------------
 
 
-def git_rev(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    from v4lab.train import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def build(study: Study, root: Path, reports: Path | None = None) -> Path:
     """Publish ``study``: reports/S.md, S.csv, S.json and figures/S/*.png, then the index.
     Everything is built in a temporary folder first: an error leaves reports/ untouched."""
@@ -448,7 +435,7 @@ def _data_manifests(runs: dict[str, tuple[Path, dict[str, Any]]], root: Path) ->
     """The prepared corpora the runs trained on (from each run's config.yaml)."""
     import yaml
 
-    from v4lab.config import DataConfig
+    from v4lab.data.config import DataConfig
     from v4lab.data.prepare import prepared_dir
 
     out = set()
@@ -509,7 +496,7 @@ def write_index(root: Path, reports: Path | None = None) -> Path:
     if pending:
         lines += ["## Not yet published", "", *[f"- `{n}`: `dvc repro {n}`" for n in pending], ""]
     path = reports / "README.md"
-    _atomic_write(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -598,7 +585,7 @@ def save_dashboards(study: Study, entity: str, state: Path) -> dict[str, str]:
     workspace.save()
     report.save()
     saved[study.name] = {"workspace": workspace.url, "report": report.url}
-    _atomic_write(state, json.dumps(saved, indent=2) + "\n")
+    atomic_write_text(state, json.dumps(saved, indent=2) + "\n")
     return saved[study.name]
 
 
@@ -608,6 +595,21 @@ def save_dashboards(study: Study, entity: str, state: Path) -> dict[str, str]:
 def _tolerance(column: str) -> float:
     metric = column.rsplit(" ", 1)[0]
     return next(t for prefix, t in TOLERANCES if metric.startswith(prefix))
+
+
+def _cell_tolerance(col: str, a: float, b: float, row: dict[str, Any]) -> float:
+    """How far a rebuilt cell may move. Means move by their metric's relative tolerance.
+    A delta or CI half-width is a *difference* of such values, so a relative tolerance on
+    itself is meaningless when it is tiny (two runs 1e-6 apart on one CPU and 3e-6 on
+    another): it gets an absolute one, twice the relative tolerance of the row's mean
+    (each operand of the difference may move by that much). p-values: absolute."""
+    if col.endswith(" p"):
+        return P_TOLERANCE
+    metric, _, stat = col.rpartition(" ")
+    rel = _tolerance(col)
+    if stat in ("delta", "ci95") and _is_number(row.get(f"{metric} mean")):
+        return 2 * rel * abs(row[f"{metric} mean"]) + 1e-12
+    return rel * max(abs(a), abs(b)) + 1e-12
 
 
 def compare(rebuilt: pl.DataFrame, reference: pl.DataFrame) -> list[str]:
@@ -625,7 +627,7 @@ def compare(rebuilt: pl.DataFrame, reference: pl.DataFrame) -> list[str]:
             if _is_number(a) and _is_number(b):
                 if math.isnan(a) and math.isnan(b):
                     continue
-                tol = P_TOLERANCE if col.endswith(" p") else _tolerance(col) * max(abs(a), abs(b)) + 1e-12
+                tol = _cell_tolerance(col, a, b, new[e])
                 if not abs(a - b) <= tol:
                     moved.append(f"{e} / {col}: {b!r} -> {a!r} (tolerance {tol:.3g})")
             elif a != b and not (col.endswith(" significant") and _tolerance(col) >= 0.5):
@@ -674,7 +676,7 @@ def _train_deps(root: Path) -> list[str]:
 
 def _data_args(data_cfg: Any) -> list[str]:
     """``data.key=value`` arguments for ``python -m v4lab.data.prepare`` giving ``data_cfg``."""
-    from v4lab.config import DataConfig
+    from v4lab.data.config import DataConfig
 
     default = asdict(DataConfig())
     return [f"data.{k}={json.dumps(v) if isinstance(v, list) else v}"
@@ -693,7 +695,7 @@ def _dvc_stages(root: Path) -> dict[str, Any]:
     from hydra import compose
     from omegaconf import OmegaConf
 
-    from v4lab.config import DataConfig
+    from v4lab.data.config import DataConfig
     from v4lab.data.prepare import prepared_dir
 
     corpora: dict[str, dict[str, str]] = {}
@@ -811,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 print(f"{path} is up to date")
             else:
-                _atomic_write(path, text)
+                atomic_write_text(path, text)
                 print(f"wrote {path}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

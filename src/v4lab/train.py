@@ -11,13 +11,10 @@ only rank 0 writes config.yaml, metrics.json and checkpoints and opens the W&B r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -38,35 +35,20 @@ from v4lab.data.datamodule import CorpusDataModule
 from v4lab.data.prepare import prepare, token_byte_lengths
 from v4lab.data.tasks import TaskMix, TaskVocab
 from v4lab.evaluate import check_lengths, evaluate
+from v4lab.io import atomic_replace, atomic_write_text, config_hash, git_rev
 from v4lab.lit import LitLM
 from v4lab.modules.engram import engram_params
 
 log = logging.getLogger("v4lab")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file and renamed: never half-written."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        atomic_replace(Path(path),
+                       lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                   storage_options))
 
 
 class Throughput(Callback):
@@ -174,22 +156,6 @@ def resolve_precision(precision: str, matmul_dtype: str) -> str:
     """'auto' runs the target chip's matmul dtype (``chip.matmul_dtype``: fp32 for this
     CPU host, bf16 for the accelerators; fp8/int8 products are emulated in bf16)."""
     return chips.training_precision(matmul_dtype) if precision == "auto" else precision
-
-
-def git_rev() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def config_hash(config_dict: dict) -> str:
-    return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:

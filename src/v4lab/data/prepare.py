@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from v4lab.config import DataConfig
+from v4lab.data.config import DataConfig
 
 EOT = "<|endoftext|>"
 SPLITS = ("train", "val", "test")

@@ -212,12 +212,18 @@ class MultiHeadLatentAttention(nn.Module):
                         index_dim, device)
 
     # ---- shared projections -------------------------------------------------------
-    def _cache_numerics(self, c_kv: torch.Tensor) -> torch.Tensor:
-        """c_kv rounded exactly as the cache stores it, straight-through gradient."""
+    def _cache_numerics(self, c_kv: torch.Tensor,
+                        k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv and k_rope rounded exactly as the cache stores them, straight-through gradient.
+
+        The one place the training path applies the cache's numerics (tests replace it to
+        feed the full forward the values a decode cache actually stored)."""
         kc = self.cfg.kv_cache
         if kc.dtype in STORE_DTYPES:
-            return fake_quant(c_kv, kc.dtype, kc.block_size, kc.scale_format)
-        return round_through(c_kv, _FLOAT_DTYPES[kc.dtype])
+            c_kv = fake_quant(c_kv, kc.dtype, kc.block_size, kc.scale_format)
+        else:
+            c_kv = round_through(c_kv, _FLOAT_DTYPES[kc.dtype])
+        return c_kv, round_through(k_rope, self.rope_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext,
                 cache: MLACache | None = None) -> torch.Tensor:
@@ -258,8 +264,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _train_path(self, q_nope, q_rope, c_kv, k_rope, index, ctx: ForwardContext) -> torch.Tensor:
         """Up-projected keys/values, one attention call. Returns o [B, T, H, out_head_dim]."""
         b, t, h, _ = q_nope.shape
-        c_kv = self._cache_numerics(c_kv)
-        k_rope = round_through(k_rope, self.rope_dtype)
+        c_kv, k_rope = self._cache_numerics(c_kv, k_rope)
         k_nope, v = self.wkv_b(c_kv).view(b, t, h, self.dn + self.dv).split([self.dn, self.dv], -1)
         k_rope_h = k_rope[:, :, None, :].expand(b, t, h, self.dr)
         qh = torch.cat([q_nope, q_rope], -1).transpose(1, 2)  # [B, H, T, dn + dr]

@@ -1,0 +1,108 @@
+"""Configuration of the data a run reads: the corpus (:class:`DataConfig`) and the
+long-context task suite mixed into training and evaluated at the end (:class:`EvalConfig`).
+
+Below the run layer: ``data.prepare`` and ``evaluate`` import these, ``config.RunConfig``
+composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from v4lab.data.tasks import TASKS, check_task
+from v4lab.errors import require, require_positive
+
+
+@dataclass
+class DataConfig:
+    """Corpus and tokenizer.
+
+    source: ``stdlib`` (this Python's standard library source) or a directory of code.
+    include / exclude: glob patterns (relative to the source root) selecting files.
+    max_files: keep only the first N files in path order (0 = all); for smoke corpora.
+    root: where prepared corpora live (one folder per source + settings).
+    """
+
+    source: str = "stdlib"
+    include: list[str] = field(default_factory=lambda: ["**/*.py"])
+    exclude: list[str] = field(default_factory=list)
+    max_files: int = 0
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    root: str = "data"
+
+    def validate(self, path: str = "data") -> None:
+        require(bool(self.source), f"{path}.source", self.source,
+                "'stdlib' or a directory of source files")
+        require(self.vocab_size >= 257, f"{path}.vocab_size", self.vocab_size,
+                ">= 257 (256 byte symbols + the end-of-text token)")
+        require(self.vocab_size <= 65535, f"{path}.vocab_size", self.vocab_size,
+                "<= 65535 (tokens are stored as uint16)")
+        require(self.max_files >= 0, f"{path}.max_files", self.max_files, ">= 0 (0 = all files)")
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            require(0 < v < 0.5, f"{path}.{key}", v, "a fraction in (0, 0.5)")
+
+
+@dataclass
+class EvalConfig:
+    """The long-context task suite: what a run mixes into training and evaluates at the end.
+
+    tasks / contexts: the evaluation grid (context = prompt + answer tokens).
+    n_examples: examples per (task, context); batch_size: examples decoded together.
+    seed: seed of the held-out examples (training mixes use the run's seed).
+    allow_extrapolation: evaluate contexts beyond model.max_seq_len (RoPE has no hard
+      limit; the check guards against asking for it by mistake).
+    prefill_chunk: prompt tokens per cached forward (bounds the attention scores' memory).
+    timing_tokens: decode steps timed per context for speed/decode_ms_per_token.
+    train_share: share of training windows replaced by task sequences (0 = none).
+    train_tasks: tasks mixed into training (empty = ``tasks``).
+    answer_loss_weight: w in the training objective LM mean + w * (mean loss over the
+      answer tokens of the mixed task sequences); 0 = the plain LM loss.
+    enabled: evaluate at the end of every run.
+    """
+
+    enabled: bool = True
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    contexts: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    n_examples: int = 8
+    batch_size: int = 8
+    seed: int = 1234
+    allow_extrapolation: bool = False
+    prefill_chunk: int = 512
+    timing_tokens: int = 8
+    train_share: float = 0.0
+    train_tasks: list[str] = field(default_factory=list)
+    answer_loss_weight: float = 0.0
+
+    def validate(self, path: str = "eval", max_seq_len: int | None = None) -> EvalConfig:
+        require(len(self.tasks) > 0, f"{path}.tasks", self.tasks, f"a non-empty list of: {', '.join(TASKS)}")
+        for t in self.tasks:
+            check_task(t, f"{path}.tasks")
+        for t in self.train_tasks:
+            check_task(t, f"{path}.train_tasks")
+        require(len(self.contexts) > 0, f"{path}.contexts", self.contexts, "a non-empty list of lengths")
+        for c in self.contexts:
+            require(isinstance(c, int) and c > 0, f"{path}.contexts", self.contexts,
+                    "positive integer lengths")
+        require(len(set(self.contexts)) == len(self.contexts), f"{path}.contexts", self.contexts,
+                "distinct lengths")
+        for key in ("n_examples", "batch_size", "prefill_chunk", "timing_tokens"):
+            require_positive(f"{path}.{key}", getattr(self, key))
+        require(isinstance(self.seed, int) and self.seed >= 0, f"{path}.seed", self.seed,
+                "a non-negative integer")
+        require(0.0 <= self.train_share <= 1.0, f"{path}.train_share", self.train_share, "in [0, 1]")
+        require(self.answer_loss_weight >= 0, f"{path}.answer_loss_weight", self.answer_loss_weight,
+                ">= 0")
+        if max_seq_len is not None and not self.allow_extrapolation:
+            beyond = [c for c in self.contexts if c > max_seq_len]
+            require(not beyond, f"{path}.contexts", self.contexts,
+                    f"lengths <= model.max_seq_len={max_seq_len} (the model's rotary range); "
+                    f"{beyond} lie beyond it: set {path}.allow_extrapolation=true to evaluate "
+                    "them anyway, or drop them")
+        return self
+
+    @property
+    def mixed_tasks(self) -> list[str]:
+        return list(self.train_tasks or self.tasks)

@@ -1,0 +1,41 @@
+"""The package's layer contracts (.importlinter) hold, and a back-import breaks them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = shutil.which("lint-imports") or pytest.skip("import-linter (dev extra) is not installed",
+                                                    allow_module_level=True)
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}  # this tree's v4lab, not the installed one
+    return subprocess.run([sys.executable, LINT, "--no-cache"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_layer_contracts_are_kept():
+    r = _lint(ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "0 broken" in r.stdout
+
+
+@pytest.mark.parametrize("module,back_import", [
+    ("modules/norm.py", "import v4lab.model"),        # a piece reaching up to the model
+    ("data/tasks.py", "import v4lab.train"),          # data reaching up to the run layer
+    ("modules/rope.py", "import lightning"),           # modules/ must stay pure torch
+])
+def test_a_back_import_breaks_the_contracts(tmp_path, module, back_import):
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    shutil.copy(ROOT / ".importlinter", tmp_path)
+    target = tmp_path / "src" / "v4lab" / module
+    target.write_text(target.read_text() + f"\n{back_import}  # deliberately wrong\n")
+    r = _lint(tmp_path)
+    assert r.returncode != 0 and "BROKEN" in r.stdout, r.stdout[-2000:]
