@@ -272,3 +272,53 @@ def test_muon_without_matrices_is_a_config_error():
 def test_muon_group_rejects_vectors():
     with pytest.raises(ValueError, match="matrices"):
         MuonAdamW([{"params": [nn.Parameter(torch.zeros(5))], "use_muon": True}])
+
+
+# ---- trainer.optimizer=muon end to end (smoke size) ----------------------------------------
+
+def test_trainer_optimizer_is_validated():
+    from v4lab.config import TrainerConfig
+
+    with pytest.raises(ConfigError, match="trainer.optimizer='sgd'"):
+        TrainerConfig(optimizer="sgd").validate()
+    with pytest.raises(ConfigError, match="trainer.optimizer='muon'.*fsdp"):
+        TrainerConfig(optimizer="muon", strategy="fsdp", accelerator="gpu").validate()
+    TrainerConfig(optimizer="muon").validate()
+
+
+@pytest.fixture(scope="module")
+def muon_run(tmp_path_factory, smoke_overrides):
+    from conftest import compose
+    from v4lab.train import train
+
+    run_dir = tmp_path_factory.mktemp("muon_run")
+    cfg = compose(["+experiment=baseline", *smoke_overrides, "trainer.optimizer=muon"])
+    return run_dir, train(cfg, run_dir)
+
+
+def test_smoke_training_with_muon(muon_run):
+    run_dir, metrics = muon_run
+    assert metrics["train/steps"] == 12
+    assert metrics["val/loss"] < math.log(512)  # learned something over a 512-token vocabulary
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["use_muon"] for g in groups].count(True) == 1
+    assert sum("momentum_buffer" in s for s in ckpt["optimizer_states"][0]["state"].values()) > 0
+
+
+def test_muon_kill_and_resume_equals_uninterrupted(muon_run, tmp_path, smoke_overrides):
+    from conftest import Crash, compose
+    from v4lab.train import train
+
+    _, metrics = muon_run
+    cfg = compose(["+experiment=baseline", *smoke_overrides, "trainer.optimizer=muon"])
+    run_dir = tmp_path / "resumed"
+    with pytest.raises((KeyboardInterrupt, SystemExit, Exception)):
+        train(cfg, run_dir, extra_callbacks=[Crash(at=7)])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    resumed = train(cfg, run_dir)
+    assert resumed["train/steps"] == 12
+    timings = ("speed/", "time/")
+    values = {k: v for k, v in metrics.items() if not k.startswith(timings)}
+    assert {k: v for k, v in resumed.items() if not k.startswith(timings)} == values

@@ -20,6 +20,7 @@ from v4lab.model import ModelConfig
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -64,6 +65,8 @@ class TrainerConfig:
     strategy: ``auto`` (one process), ``ddp`` (one process per device, gradients
     all-reduced; with ``accelerator=cpu`` the processes talk over gloo) or ``fsdp``
     (parameters, gradients and optimizer state sharded over the processes).
+    optimizer: ``adamw`` (every parameter) or ``muon`` (V4's Muon for the matrices inside
+    the blocks, AdamW for the rest, same lr and weight decay: :mod:`v4lab.optim`).
     """
 
     max_steps: int = 300
@@ -87,6 +90,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     log_every_n_steps: int = 10
     num_threads: int = 0
+    optimizer: str = "adamw"
 
     def validate(self, path: str = "trainer") -> None:
         for key in ("max_steps", "batch_size", "seq_len", "val_every_n_steps", "val_batches",
@@ -106,6 +110,10 @@ class TrainerConfig:
         require(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
                 ">= 0 (0 = torch's default)")
         require_choice(f"{path}.strategy", self.strategy, STRATEGIES)
+        require_choice(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
+        require(self.optimizer != "muon" or self.strategy != "fsdp", f"{path}.optimizer",
+                self.optimizer, "'adamw' with strategy='fsdp' (Muon orthogonalises whole "
+                "matrices; FSDP shards them over processes)")
         world = self.world_size
         require(self.strategy != "auto" or world == 1, f"{path}.strategy", self.strategy,
                 f"'ddp' or 'fsdp' for devices * num_nodes = {world} processes "

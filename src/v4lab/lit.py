@@ -169,10 +169,15 @@ class LitLM(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.tcfg
-        groups = self.model.optimizer_groups(t.weight_decay)
-        for g in groups:
-            g["lr"] = t.lr * g.pop("lr_multiplier")
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        if t.optimizer == "muon":
+            from v4lab.optim import build_muon_adamw
+
+            opt = build_muon_adamw(self.model, t.lr, t.weight_decay, betas=(t.beta1, t.beta2))
+        else:
+            groups = self.model.optimizer_groups(t.weight_decay)
+            for g in groups:
+                g["lr"] = t.lr * g.pop("lr_multiplier")
+            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
