@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from v4lab.errors import ConfigError
 
@@ -159,8 +160,23 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def _is_expert_stack(module: nn.Module) -> bool:
-    """Modules whose 3-D parameters are stacks of independent matrices [E, n, m]."""
-    return type(module).__name__ == "RoutedExperts"
+    """Modules whose 3-D parameters are stacks of independent matrices [E, n, m]
+    (isinstance: parametrize, e.g. FP4 QAT, subclasses the module's type)."""
+    from v4lab.modules.moe import RoutedExperts
+
+    return isinstance(module, RoutedExperts)
+
+
+def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(leaf name, parameter) a module holds itself; a parametrized weight (e.g. FP4 QAT's
+    ``parametrizations.w1.original``) counts as the module's own ``w1``."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return []  # reported by the module it parametrizes
+    own = list(module.named_parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        own += [(name, plist.original) for name, plist in module.parametrizations.items()
+                if hasattr(plist, "original")]
+    return own
 
 
 def split_params(model: nn.Module, blocks_attr: str = "blocks"
@@ -179,7 +195,7 @@ def split_params(model: nn.Module, blocks_attr: str = "blocks"
     muon_ids: set[int] = set()
     if blocks is not None:
         for module in blocks.modules():
-            for leaf, p in module.named_parameters(recurse=False):
+            for leaf, p in _own_params(module):
                 in_blocks.add(id(p))
                 matrix = (p.dim() == 2 or (p.dim() == 3 and _is_expert_stack(module)))
                 if (matrix and not isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd))
