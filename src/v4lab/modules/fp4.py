@@ -131,6 +131,17 @@ def fp4_weights(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS
     return found
 
 
+def check_fp4(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS, block: int = 32
+              ) -> list[tuple[str, nn.Module, str, int]]:
+    """The target weights (see :func:`fp4_weights`), after checking that there is at least
+    one and that ``block`` divides every input dim: ConfigError otherwise."""
+    found = fp4_weights(model, targets)
+    require(bool(found), "fp4.targets", list(targets), "names weights the model has (no "
+            "routed experts here: enable model.moe)")
+    _check_blocks(found, block)
+    return found
+
+
 def _check_blocks(found, block: int) -> None:
     for name, module, w, dim in found:
         n = getattr(module, w).shape[dim]
@@ -146,10 +157,7 @@ def apply_fp4_qat(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS, bloc
     ``<module>.parametrizations.<w>.original``). Returns the parametrizations (set
     ``enabled`` to switch QAT on and off). Checks every block size before changing anything;
     raises ConfigError when no target weight exists."""
-    found = fp4_weights(model, targets)
-    require(bool(found), "fp4.targets", list(targets), "names weights the model has (no "
-            "routed experts here: enable model.moe)")
-    _check_blocks(found, block)
+    found = check_fp4(model, targets, block)
     fakes = []
     for _, module, w, dim in found:
         fake = FakeFP4(dim, block, rule)
@@ -163,9 +171,7 @@ def quantize_fp4_(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS, bloc
                   rule: str = "ocp") -> int:
     """Post-hoc FP4: replace every target weight by its MXFP4 round trip, in place.
     Returns the number of tensors quantised."""
-    found = fp4_weights(model, targets)
-    require(bool(found), "fp4.targets", list(targets), "names weights the model has")
-    _check_blocks(found, block)
+    found = check_fp4(model, targets, block)
     for _, module, w, dim in found:
         p = getattr(module, w)
         p.copy_(mxfp4_quantize(p, dim, block, rule))
