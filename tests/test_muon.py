@@ -41,7 +41,7 @@ def test_newton_schulz_singular_values_near_one(shape):
     s = torch.linalg.svdvals(o)
     assert s.min() > 1 - 1e-4 and s.max() < 1 + 1e-3, (s.min(), s.max())
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
-    assert (o - u @ vh).abs().max() < 2e-3  # the polar factor, up to the 5e-4 band
+    assert (o - u @ vh).abs().max() < 5e-4  # the polar factor (measured max 1.5e-4)
     keller = torch.linalg.svdvals(newton_schulz(g, (KELLER,) * 5, dtype=torch.float64))
     assert keller.min() < 0.9 or keller.max() > 1.1
 
@@ -118,7 +118,7 @@ def test_adamw_half_equals_torch_adamw():
 def test_nesterov_direction_is_v4s_sum_form():
     """V4 writes M <- mu M + G and orthogonalises mu M + G; the EMA buffer kept here is
     (1 - mu) times that, which the Frobenius normalisation removes: same update within
-    fp32 round-off of 10 Newton-Schulz steps (bound 1e-5 on entries of size ~0.02)."""
+    fp32 round-off of 10 Newton-Schulz steps (bound 1e-7 on entries of size ~0.01)."""
     torch.manual_seed(5)
     shape, mu, lr = (20, 30), 0.95, 0.01
     p = nn.Parameter(torch.zeros(shape))
@@ -131,7 +131,7 @@ def test_nesterov_direction_is_v4s_sum_form():
         opt.step()
         m = mu * m + g.double()
         w -= lr * 0.18 * math.sqrt(30) * newton_schulz(mu * m + g.double(), dtype=torch.float64)
-    assert (p.double() - w).abs().max() < 1e-5
+    assert (p.double() - w).abs().max() < 1e-7  # measured 6.5e-9
 
 
 def test_expert_slices_orthogonalised_independently():
@@ -143,7 +143,7 @@ def test_expert_slices_orthogonalised_independently():
     stacked = newton_schulz(g)
     for e in range(3):
         alone = newton_schulz(g[e])
-        assert (stacked[e] - alone).abs().max() < 1e-5
+        assert (stacked[e] - alone).abs().max() < 1e-6  # measured 0 (bit-identical)
         s = torch.linalg.svdvals(stacked[e].double())
         assert s.min() > 1 - 1e-4 and s.max() < 1 + 1e-3
 
