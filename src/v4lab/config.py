@@ -20,6 +20,8 @@ from v4lab.model import ModelConfig
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
+QUANTIZE = ("none", "fp4_qat", "fp4_posthoc")
 
 
 @dataclass
@@ -32,6 +34,12 @@ class TrainerConfig:
     strategy: ``auto`` (one process), ``ddp`` (one process per device, gradients
     all-reduced; with ``accelerator=cpu`` the processes talk over gloo) or ``fsdp``
     (parameters, gradients and optimizer state sharded over the processes).
+    optimizer: ``adamw`` (every parameter) or ``muon`` (V4's Muon for the matrices inside
+    the blocks, AdamW for the rest, same lr and weight decay: :mod:`v4lab.optim`).
+    quantize: routed-expert weights in MXFP4 (:mod:`v4lab.modules.fp4`): ``none``;
+    ``fp4_qat`` (fake-quantised forward, straight-through gradient, from step
+    ``floor(qat_start * max_steps)`` on, and for the final evaluation); ``fp4_posthoc``
+    (trained in full precision, quantised once after training, before the final evaluation).
     """
 
     max_steps: int = 300
@@ -55,6 +63,9 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     log_every_n_steps: int = 10
     num_threads: int = 0
+    optimizer: str = "adamw"
+    quantize: str = "none"
+    qat_start: float = 0.9
 
     def validate(self, path: str = "trainer") -> None:
         for key in ("max_steps", "batch_size", "seq_len", "val_every_n_steps", "val_batches",
@@ -74,6 +85,12 @@ class TrainerConfig:
         require(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
                 ">= 0 (0 = torch's default)")
         require_choice(f"{path}.strategy", self.strategy, STRATEGIES)
+        require_choice(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
+        require_choice(f"{path}.quantize", self.quantize, QUANTIZE)
+        require(0 <= self.qat_start <= 1, f"{path}.qat_start", self.qat_start, "in [0, 1]")
+        require(self.optimizer != "muon" or self.strategy != "fsdp", f"{path}.optimizer",
+                self.optimizer, "'adamw' with strategy='fsdp' (Muon orthogonalises whole "
+                "matrices; FSDP shards them over processes)")
         world = self.world_size
         require(self.strategy != "auto" or world == 1, f"{path}.strategy", self.strategy,
                 f"'ddp' or 'fsdp' for devices * num_nodes = {world} processes "
@@ -149,6 +166,9 @@ class RunConfig:
         self.eval.validate("eval", self.model.max_seq_len)
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        require(self.trainer.quantize == "none" or self.model.moe.enabled, "trainer.quantize",
+                self.trainer.quantize, "'none' without routed experts (FP4 quantises the "
+                "routed-expert weights: enable model.moe)")
         require(self.model.vocab_size == self.data.vocab_size, "model.vocab_size",
                 self.model.vocab_size, f"equal to data.vocab_size={self.data.vocab_size}")
         return self

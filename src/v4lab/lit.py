@@ -50,6 +50,17 @@ class LitLM(L.LightningModule):
         self.last_answer = (0.0, 0)  # this step's (summed answer loss, answer tokens)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         self._eval_sums: dict[str, torch.Tensor] = {}
+        # FP4 (trainer.quantize): QAT reads the routed-expert weights through MXFP4 fake
+        # quantisation (parametrizations registered now, before any checkpoint is loaded, so
+        # resumed state dicts match); post-hoc only checks the block size now.
+        self.fp4_qat: list = []
+        if trainer_cfg.quantize != "none":
+            from v4lab.modules.fp4 import apply_fp4_qat, check_fp4
+
+            check_fp4(self.model)
+            if trainer_cfg.quantize == "fp4_qat":
+                self.fp4_qat = apply_fp4_qat(self.model)
+                self._set_qat(0)
 
     def _token_losses(self, batch: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
@@ -121,6 +132,25 @@ class LitLM(L.LightningModule):
             self.log(name, value)
         return total
 
+    def _set_qat(self, step: int) -> None:
+        start = math.floor(self.tcfg.qat_start * self.tcfg.max_steps)
+        for fake in self.fp4_qat:
+            fake.enabled = step >= start
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._set_qat(int(self.global_step))
+
+    def on_fit_end(self) -> None:
+        """The model is evaluated (and deployed) in FP4: QAT's quantiser on for good, or the
+        post-hoc round trip of the trained weights (after the last checkpoint was written,
+        so checkpoints keep the full-precision weights)."""
+        if self.tcfg.quantize == "fp4_qat":
+            self._set_qat(self.tcfg.max_steps)
+        elif self.tcfg.quantize == "fp4_posthoc":
+            from v4lab.modules.fp4 import quantize_fp4_
+
+            quantize_fp4_(self.model)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to overwrite the last good checkpoint with non-finite weights."""
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -169,10 +199,15 @@ class LitLM(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.tcfg
-        groups = self.model.optimizer_groups(t.weight_decay)
-        for g in groups:
-            g["lr"] = t.lr * g.pop("lr_multiplier")
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        if t.optimizer == "muon":
+            from v4lab.optim import build_muon_adamw
+
+            opt = build_muon_adamw(self.model, t.lr, t.weight_decay, betas=(t.beta1, t.beta2))
+        else:
+            groups = self.model.optimizer_groups(t.weight_decay)
+            for g in groups:
+                g["lr"] = t.lr * g.pop("lr_multiplier")
+            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
