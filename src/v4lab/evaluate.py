@@ -63,33 +63,7 @@ def check_lengths(cfg: EvalConfig, vocab: TaskVocab, params: TaskParams = DEFAUL
                 f"haystack); {short} are too short")
 
 
-# ---- decoding -----------------------------------------------------------------------
-@torch.no_grad()
-def prefill(model, tokens: torch.Tensor, caches: list, chunk: int) -> torch.Tensor:
-    """Run tokens [B, P] through the caches in chunks; logits of the last position [B, V]."""
-    logits = None
-    for s in range(0, tokens.shape[1], chunk):
-        e = min(s + chunk, tokens.shape[1])
-        logits = model.forward_cached(tokens[:, s:e], caches, s, history=tokens[:, :e])[:, -1]
-    return logits
-
-
-@torch.no_grad()
-def greedy_decode(model, prompts: torch.Tensor, n_new: int, chunk: int = 512) -> torch.Tensor:
-    """Greedy continuation with the KV cache: prompts [B, P] -> new tokens [B, n_new]."""
-    b, p = prompts.shape
-    caches = model.new_caches(b, p + n_new)
-    logits = prefill(model, prompts, caches, chunk)
-    tokens, out = prompts, []
-    for i in range(n_new):
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        tokens = torch.cat([tokens, nxt], dim=1)
-        if i + 1 < n_new:
-            logits = model.forward_cached(nxt, caches, p + i, history=tokens)[:, -1]
-    return torch.cat(out, dim=1)
-
-
+# ---- decoding (Transformer.generate / prefill: the one decode loop) ---------------
 def exact_match(generated: list[int], answer: list[int]) -> bool:
     """The scoring rule: every answer token, in order, and nothing else."""
     return list(generated) == list(answer)
@@ -111,7 +85,7 @@ def time_decode(model, tokens: torch.Tensor, steps: int, chunk: int) -> tuple[fl
     c = tokens.shape[1]
     steps = max(1, min(steps, c - 2))
     caches = model.new_caches(1, c)
-    prefill(model, tokens[:, : c - steps - 1], caches, chunk)
+    model.prefill(tokens[:, : c - steps - 1], caches, chunk)
     threads = torch.get_num_threads()
     if tokens.device.type == "cpu":
         torch.set_num_threads(1)
@@ -168,7 +142,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len:
                 for s in range(0, len(exs), cfg.batch_size):
                     batch = exs[s:s + cfg.batch_size]
                     prompts = torch.tensor([e.prompt for e in batch], dtype=torch.long, device=device)
-                    gen = greedy_decode(model, prompts, len(batch[0].answer), cfg.prefill_chunk)
+                    gen = model.generate(prompts, len(batch[0].answer),
+                                         prefill_chunk=cfg.prefill_chunk)[:, prompts.shape[1]:]
                     correct += sum(exact_match(g, e.answer) for g, e in zip(gen.tolist(), batch))
                 acc = correct / len(exs)
                 metrics[f"task/{task}@{context}/acc"] = acc

@@ -128,7 +128,7 @@ class LitLM(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         for name, value in ctx.aux_losses.items():
             self.log(f"train/{name}", value)
-        for name, value in ctx.mean_stats().items():
+        for name, value in ctx.stat_tensors().items():  # reduced by Lightning when it logs
             self.log(name, value)
         return total
 
@@ -172,7 +172,7 @@ class LitLM(L.LightningModule):
         acc = self._eval_sums.setdefault(split, torch.zeros(3, dtype=torch.float64,
                                                             device=loss_sum.device))
         acc += torch.stack([loss_sum.double(), counts[0].double(), counts[1].double()])
-        for name, value in ctx.mean_stats().items():
+        for name, value in ctx.stat_tensors().items():
             self.log(f"{split}/{name}", value, on_epoch=True, on_step=False)
 
     def _eval_end(self, split: str) -> None:

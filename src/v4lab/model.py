@@ -185,16 +185,30 @@ class Transformer(nn.Module):
         return self.forward(input_ids, ctx)
 
     @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, caches: list, chunk: int | None = None) -> torch.Tensor:
+        """Run a prompt [B, P] through empty ``caches`` in chunks of ``chunk`` tokens (all at
+        once when None; chunks bound the attention scores' memory for long prompts).
+        Returns the logits of the last position [B, V]."""
+        chunk = chunk or tokens.shape[1]
+        logits = None
+        for s in range(0, tokens.shape[1], chunk):
+            e = min(s + chunk, tokens.shape[1])
+            logits = self.forward_cached(tokens[:, s:e], caches, s, history=tokens[:, :e])[:, -1]
+        return logits
+
+    @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation with the KV cache.
+                 generator: torch.Generator | None = None,
+                 prefill_chunk: int | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation with the KV cache: the one decode
+        loop (evaluation uses it too).
 
         prompt: [B, T0] -> [B, T0 + max_new_tokens].
         """
         b, t0 = prompt.shape
         caches = self.new_caches(b, t0 + max_new_tokens)
         tokens = prompt
-        logits = self.forward_cached(prompt, caches, 0, history=tokens)[:, -1]
+        logits = self.prefill(prompt, caches, prefill_chunk)
         for i in range(max_new_tokens):
             if temperature > 0:
                 probs = F.softmax(logits.float() / temperature, dim=-1)

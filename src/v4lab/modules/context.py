@@ -28,7 +28,9 @@ class ForwardContext:
     step: global training step during training and validation (selects sparse
       attention's training phase); None at inference (every piece in its final mode).
     aux_losses: name -> scalar tensor; the trainer adds their sum to the LM loss.
-    stats: name -> float; logged as metrics (e.g. ``sparse/recall``).
+    stats: name -> (sum, count) of a statistic over the layers that report it, the sum a
+      detached 0-d tensor: nothing here waits for the device (no per-layer ``.item()``);
+      the trainer reduces them once, when it logs (e.g. ``sparse/recall``).
     prefetched: work a piece did ahead of the blocks for this forward, keyed by module
       (Engram's table indices / host-memory rows, computed before any layer runs).
     """
@@ -39,7 +41,7 @@ class ForwardContext:
     history_ids: torch.Tensor | None = None
     step: int | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     prefetched: dict[str, Any] = field(default_factory=dict)
     _rope: dict = field(default_factory=dict, repr=False)
 
@@ -47,10 +49,12 @@ class ForwardContext:
         """Accumulate an auxiliary loss (summed over layers)."""
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
 
-    def add_stat(self, name: str, value: float) -> None:
-        """Accumulate a statistic as a mean over the layers that report it."""
-        total, count = self.stats.get(name + "#sum", 0.0), self.stats.get(name + "#n", 0)
-        self.stats[name + "#sum"], self.stats[name + "#n"] = total + float(value), count + 1
+    def add_stat(self, name: str, value: torch.Tensor | float) -> None:
+        """Accumulate a statistic as a mean over the layers that report it (a tensor stays
+        on its device: no host sync)."""
+        v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        total, count = self.stats.get(name, (0.0, 0))
+        self.stats[name] = (total + v, count + 1)
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, dim/2] for ``positions``, computed once per (dim, theta) and shared."""
@@ -59,11 +63,14 @@ class ForwardContext:
             self._rope[key] = rope_angles(self.positions, dim, theta)
         return self._rope[key]
 
+    def stat_tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics averaged over reporting layers, as 0-d tensors (no host sync):
+        what the trainer logs, so it reduces them only at its logging steps."""
+        return {name: total / count for name, (total, count) in self.stats.items()}
+
     def mean_stats(self) -> dict[str, float]:
-        """The statistics averaged over reporting layers: name -> mean."""
-        out = {}
-        for key, total in self.stats.items():
-            if key.endswith("#sum"):
-                name = key[: -len("#sum")]
-                out[name] = total / self.stats[name + "#n"]
-        return out
+        """The same as floats, read from the device in one transfer: name -> mean."""
+        means = self.stat_tensors()
+        if not means:
+            return {}
+        return dict(zip(means, torch.stack(list(means.values())).tolist()))

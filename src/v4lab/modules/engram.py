@@ -291,7 +291,7 @@ class Engram(nn.Module):
         u = (alpha * v).to(x.dtype)
         y = u + F.silu(self._conv(self.norm_conv(u), cache))
         if ctx.step is not None or self.training:
-            ctx.add_stat("engram/gate_mean", alpha.mean().item())
+            ctx.add_stat("engram/gate_mean", alpha.mean())
             ctx.add_stat("engram/bucket_collision_rate", self.collision_rate(win, idx))
         return y
 

@@ -309,7 +309,7 @@ class MultiHeadLatentAttention(nn.Module):
         kl = indexer_kl(target, scores, kl_mask)
         if torch.is_grad_enabled():
             ctx.add_loss("sparse/indexer_kl", kl * self.sparse.kl_weight)
-        ctx.add_stat("sparse/indexer_kl", float(kl.detach()))
+        ctx.add_stat("sparse/indexer_kl", kl)
         ctx.add_stat("sparse/recall", recall(p_dense, selected, causal, topk))
         return attn_mask
 

@@ -218,11 +218,11 @@ class MoE(nn.Module):
         if ctx is None:
             return
         mean = load.mean()
-        ctx.add_stat("moe/load_cv", float(load.std(unbiased=False) / mean))
-        ctx.add_stat("moe/max_over_mean", float(load.max() / mean))
-        ctx.add_stat("moe/dead_experts", float((load == 0).sum()))
-        ctx.add_stat("moe/bias_min", float(self.gate.bias.min()))
-        ctx.add_stat("moe/bias_max", float(self.gate.bias.max()))
+        ctx.add_stat("moe/load_cv", load.std(unbiased=False) / mean)
+        ctx.add_stat("moe/max_over_mean", load.max() / mean)
+        ctx.add_stat("moe/dead_experts", (load == 0).sum())
+        ctx.add_stat("moe/bias_min", self.gate.bias.min())
+        ctx.add_stat("moe/bias_max", self.gate.bias.max())
         if self.aux_loss_alpha > 0:
             ctx.add_loss("moe/aux_loss",
                          sequence_balance_loss(scores, indices, batch, self.aux_loss_alpha))

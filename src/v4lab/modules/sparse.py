@@ -111,17 +111,18 @@ def indexer_kl(target: torch.Tensor, index_scores: torch.Tensor,
 
 @torch.no_grad()
 def recall(main_probs: torch.Tensor, selected: torch.Tensor, causal: torch.Tensor,
-           topk: int) -> float:
+           topk: int) -> torch.Tensor:
     """Fraction of the main attention's own top-k keys (per query) the indexer selected.
 
     main_probs: [B, T, S] dense head-summed main attention; selected: [B, T, S] bool
     indexer selection; causal: [T, S] bool. Counts only queries that see more than
     ``topk`` keys (for the others every key is selected); 1.0 when there are none.
+    Returns a 0-d tensor (no host sync; ``causal`` is a host-side mask of the shape).
     """
     visible = causal.sum(-1)  # [T]
     rows = visible > topk
     if not bool(rows.any()):
-        return 1.0
+        return torch.ones((), device=main_probs.device)
     main_sel = select_topk(main_probs.masked_fill(~causal, float("-inf")), topk) & causal
     hit = (main_sel & selected).sum(-1).float()  # [B, T]
-    return float((hit[:, rows] / topk).mean())
+    return (hit[:, rows] / topk).mean()
