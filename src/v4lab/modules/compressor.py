@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from v4lab.modules.norm import RMSNorm
+from v4lab.modules.sparse import select_topk
 
 
 def rope_inv_freq(dim: int, theta: float, yarn_factor: float = 1.0, yarn_original_len: int = 0,
@@ -201,14 +202,10 @@ def topk_entry_bias(scores: torch.Tensor, usable: torch.Tensor, topk: int) -> to
     """Additive bias [B, T, N] (0 or -inf) that keeps each query's top-k usable entries.
 
     scores: [B, T, N] indexer scores; usable: [T, N] (or [B, T, N]) causal availability.
-    k = min(topk, N); picks that land on unusable entries (a query with fewer than k
-    complete blocks) are dropped.
+    k = min(topk, N), ties at the k-th score taken in index order (ReLU scores tie at 0);
+    a query with fewer than k complete blocks keeps just those.
     """
-    n = scores.shape[-1]
-    bias = torch.full_like(scores, float("-inf"))
-    if n == 0:
-        return bias
-    masked = scores.masked_fill(~usable, float("-inf"))
-    idx = masked.topk(min(topk, n), dim=-1).indices
-    keep = usable.expand_as(scores).gather(-1, idx)
-    return bias.scatter(-1, idx, torch.where(keep, 0.0, float("-inf")))
+    if scores.shape[-1] == 0:
+        return scores.clone()
+    keep = select_topk(scores.masked_fill(~usable, float("-inf")), topk) & usable
+    return torch.zeros_like(scores).masked_fill(~keep, float("-inf"))

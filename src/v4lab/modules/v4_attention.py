@@ -1,0 +1,268 @@
+"""DeepSeek-V4 attention (released model): shared K=V MQA over a sliding window plus
+compressed entries (CSA: top-k of lightly compressed blocks; HCA: all heavily compressed
+blocks), with a per-head attention sink and a grouped output projection.
+
+Shapes: H heads of width d (the last ``rope_dim`` channels carry RoPE), r = q_lora_rank.
+
+    c_Q  = RMSNorm(x W_QA)                               [B, T, r]   (also the indexer's query latent)
+    q    = R(t) RMSNorm_head(c_Q W_QB)                   [B, T, H, d] (unweighted RMS per head)
+    kv   = R(s) RMSNorm(x W_KV)                          [B, T, d]   one head, both key and value
+    keys = [kv of the window (t - W, t] ; compressed entries usable by t]
+    o_h  = softmax([q_h . keys / sqrt(d) ; sink_h]) @ keys, sink column dropped
+    o_h  = R(-t) on the rope channels (each key enters through R(s - t))
+    out  = W_OB [ W_OA_g (o of the heads of group g) for g in groups ]
+
+Layer kinds: ``sliding`` (window only), ``csa`` (window + top-k of the CSA entries chosen
+by the lightning indexer), ``hca`` (window + every complete HCA block). Sliding layers use
+RoPE base ``rope_theta``; CSA/HCA layers, their compressors and the indexer use
+``compress_rope_theta`` with YaRN.
+
+One code path serves training and decoding: a forward call takes an optional
+:class:`V4LayerCache`; without one it runs on a fresh, discarded cache. The cache holds the
+last W - 1 window entries, the compressors' states (incomplete block, overlap half,
+emitted entries) and the next position, so decoding token by token (or in chunks) gives
+the full forward's outputs.
+
+Ablation switches (config): ``use_window`` (no_window), ``sink`` (no_sink), ``overlap``
+(no_overlap: CSA blocks pool their own m tokens only), ``csa_topk``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from v4lab.errors import require, require_positive
+from v4lab.modules.compressor import (
+    BlockCompressor,
+    CompressorState,
+    LightningIndexerV4,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_tail,
+    topk_entry_bias,
+    usable_entries,
+)
+from v4lab.modules.norm import RMSNorm
+
+LAYER_KINDS = ("sliding", "csa", "hca")
+
+
+@dataclass
+class V4AttentionConfig:
+    """The V4 attention of one model (all layers); the layer kind comes from its compress ratio.
+
+    window: sliding-window length W (keys s with t - W < s <= t).
+    csa_ratio / hca_ratio: block lengths m (CSA) and m' (HCA); a layer's ratio 0 = sliding only.
+    overlap: CSA entries pool 2m tokens (previous block's Ca half + this block's Cb half).
+    index_n_heads / index_head_dim / csa_topk: the CSA lightning indexer and its top-k.
+    o_groups / o_lora_rank: grouped output projection (heads split into o_groups groups).
+    yarn_factor / yarn_original_len: YaRN on the compressed layers' RoPE (factor 1 = off).
+    """
+
+    n_heads: int = 4
+    head_dim: int = 64
+    rope_dim: int = 16
+    q_lora_rank: int = 64
+    window: int = 64
+    use_window: bool = True
+    sink: bool = True
+    csa_ratio: int = 4
+    hca_ratio: int = 16
+    overlap: bool = True
+    index_n_heads: int = 4
+    index_head_dim: int = 32
+    csa_topk: int = 16
+    o_groups: int = 2
+    o_lora_rank: int = 64
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    yarn_factor: float = 1.0
+    yarn_original_len: int = 0
+    norm_eps: float = 1e-6
+
+    def validate(self, path: str) -> None:
+        for name in ("n_heads", "head_dim", "rope_dim", "q_lora_rank", "window", "csa_ratio", "hca_ratio",
+                     "index_n_heads", "index_head_dim", "csa_topk", "o_groups", "o_lora_rank"):
+            require_positive(f"{path}.{name}", getattr(self, name))
+        for name in ("use_window", "sink", "overlap"):
+            value = getattr(self, name)
+            require(isinstance(value, bool), f"{path}.{name}", value, "true or false")
+        width = min(self.head_dim, self.index_head_dim)
+        require(self.rope_dim % 2 == 0 and self.rope_dim <= width, f"{path}.rope_dim", self.rope_dim,
+                f"an even number <= head_dim and index_head_dim ({width})")
+        require(self.n_heads % self.o_groups == 0, f"{path}.o_groups", self.o_groups,
+                f"a divisor of n_heads ({self.n_heads})")
+        require(self.csa_ratio != self.hca_ratio, f"{path}.hca_ratio", self.hca_ratio,
+                f"different from csa_ratio ({self.csa_ratio}): the ratio names the layer kind")
+        require(self.yarn_factor >= 1.0, f"{path}.yarn_factor", self.yarn_factor,
+                "a number >= 1 (1 = no YaRN)")
+        if self.yarn_factor > 1.0:
+            require_positive(f"{path}.yarn_original_len", self.yarn_original_len)
+
+    def layer_kind(self, key: str, ratio: int) -> str:
+        """'sliding' | 'csa' | 'hca' for a layer's compress ratio; ``key`` names it in errors."""
+        kinds = {0: "sliding", self.csa_ratio: "csa", self.hca_ratio: "hca"}
+        require(ratio in kinds, key, ratio,
+                f"0 (sliding only), csa_ratio ({self.csa_ratio}) or hca_ratio ({self.hca_ratio})")
+        kind = kinds[ratio]
+        require(kind != "sliding" or self.use_window, key, ratio,
+                "a compressed layer: with use_window=false a sliding-only layer would attend to nothing")
+        return kind
+
+    def validate_layers(self, path: str, ratios: list[int], n_layers: int) -> list[str]:
+        """Check a per-layer ``compress_ratios`` list (``path`` is its key); returns the kinds."""
+        require(len(ratios) == n_layers, path, ratios, f"a list of {n_layers} ratios, one per layer")
+        return [self.layer_kind(f"{path}[{i}]", r) for i, r in enumerate(ratios)]
+
+    def validate_sequence(self, path: str, seq_len: int, kinds: list[str]) -> None:
+        """Window, blocks and top-k must fit a sequence of ``seq_len`` tokens."""
+        if self.use_window:
+            require(self.window <= seq_len, f"{path}.window", self.window,
+                    f"<= the sequence length {seq_len}")
+        if "hca" in kinds:
+            require(self.hca_ratio <= seq_len, f"{path}.hca_ratio", self.hca_ratio,
+                    f"<= the sequence length {seq_len} (else no block ever completes)")
+        if "csa" in kinds:
+            n_blocks = seq_len // self.csa_ratio
+            require(1 <= self.csa_topk <= n_blocks, f"{path}.csa_topk", self.csa_topk,
+                    f"between 1 and the number of CSA blocks in the sequence ({seq_len} // "
+                    f"{self.csa_ratio} = {n_blocks})")
+
+
+@dataclass
+class V4LayerCache:
+    """Decode state of one V4 attention layer (batch B).
+
+    window: [B, <= W - 1, d] the last window entries (kv after norm and RoPE)
+    comp / index: states of the layer's compressor and of the CSA indexer's compressor
+    pos: position of the next token
+    """
+
+    window: torch.Tensor | None = None
+    comp: CompressorState = field(default_factory=CompressorState)
+    index: CompressorState = field(default_factory=CompressorState)
+    pos: int = 0
+
+
+def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise the last dim without a gain (the per-head query norm)."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def keep_bias(keep: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias: 0 where ``keep``, -inf elsewhere (same shape, fp32)."""
+    return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, float("-inf"))
+
+
+def attend_with_sink(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
+                     sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of every head over shared K=V entries, one extra sink logit per head.
+
+    q: [B, T, H, d]; keys: [B, S, d] (also the values); bias: [B or 1, T, S] (0 or -inf);
+    sinks: [H] or None. Returns [B, T, H, d]. The sink takes probability mass but carries
+    no value. Without sinks, a query with no visible key (possible with no_window) gets a
+    zero output instead of NaN: its sink column is then 0 and every other logit -inf.
+    """
+    b, t, h, d = q.shape
+    logits = torch.einsum("bthd,bsd->bhts", q.float(), keys.float()) * d ** -0.5 + bias[:, None].float()
+    if sinks is not None:
+        sink = sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)
+    else:
+        empty = torch.isinf(bias).all(-1)[:, None, :, None].expand(b, h, t, 1)
+        sink = torch.where(empty, 0.0, float("-inf"))
+    probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return torch.einsum("bhts,bsd->bthd", probs, keys.float()).to(q.dtype)
+
+
+def window_keys(kv: torch.Tensor, cache: V4LayerCache, window: int,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window entries visible to the chunk and their bias; keeps the last W - 1 in the cache.
+
+    kv: [B, T, d] this chunk's entries at ``positions`` [T]. Returns keys [B, S, d], bias [1, T, S].
+    """
+    keys = kv if cache.window is None else torch.cat([cache.window, kv], dim=1)
+    s_pos = torch.arange(keys.shape[1], device=kv.device) + positions[0] - (keys.shape[1] - kv.shape[1])
+    seen = (s_pos[None, :] <= positions[:, None]) & (s_pos[None, :] > positions[:, None] - window)
+    cache.window = keys[:, max(keys.shape[1] - (window - 1), 0):]
+    return keys, keep_bias(seen)[None]
+
+
+class V4Attention(nn.Module):
+    """One DeepSeek-V4 attention layer of kind 'sliding' | 'csa' | 'hca'.
+
+    ``forward(x [B, T, dim], cache=None)`` -> [B, T, dim]; with a cache, x continues at
+    ``cache.pos`` and the cache is advanced.
+    """
+
+    def __init__(self, dim: int, cfg: V4AttentionConfig, kind: str) -> None:
+        super().__init__()
+        require(kind in LAYER_KINDS, "kind", kind, f"one of {LAYER_KINDS}")
+        self.cfg, self.kind = cfg, kind
+        h, d, r = cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
+        self.wq_a = nn.Linear(dim, r, bias=False)
+        self.q_norm = RMSNorm(r, cfg.norm_eps)
+        self.wq_b = nn.Linear(r, h * d, bias=False)
+        self.wkv = nn.Linear(dim, d, bias=False)
+        self.kv_norm = RMSNorm(d, cfg.norm_eps)
+        # grouped output: o_groups blocks [o_lora_rank, H d / g] then one projection to dim
+        self.wo_a = nn.Parameter(torch.empty(cfg.o_groups, cfg.o_lora_rank, h * d // cfg.o_groups))
+        nn.init.normal_(self.wo_a, std=(h * d // cfg.o_groups) ** -0.5)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, dim, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(h)) if cfg.sink else None
+        if kind == "sliding":
+            freq = rope_inv_freq(cfg.rope_dim, cfg.rope_theta)
+        else:
+            freq = rope_inv_freq(cfg.rope_dim, cfg.compress_rope_theta, cfg.yarn_factor,
+                                 cfg.yarn_original_len)
+        self.register_buffer("inv_freq", freq, persistent=False)
+        self.compressor = self.indexer = None
+        if kind == "hca":
+            self.compressor = BlockCompressor(dim, d, cfg.hca_ratio, False, freq, cfg.norm_eps)
+        elif kind == "csa":
+            self.compressor = BlockCompressor(dim, d, cfg.csa_ratio, cfg.overlap, freq, cfg.norm_eps)
+            self.indexer = LightningIndexerV4(dim, r, cfg.index_n_heads, cfg.index_head_dim, cfg.csa_ratio,
+                                              cfg.overlap, freq, cfg.norm_eps)
+
+    @property
+    def ratio(self) -> int:
+        return self.compressor.ratio if self.compressor is not None else 0
+
+    def _compressed(self, x, q_latent, cache, positions, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compressed entries [B, N, d] and their bias [B or 1, T, N] for this chunk's queries."""
+        entries = self.compressor(x, cache.comp)
+        usable = usable_entries(positions, entries.shape[1], self.ratio)
+        if self.indexer is None:  # HCA: every complete block
+            return entries, keep_bias(usable)[None]
+        index_keys = self.indexer.keys(x, cache.index)
+        scores = self.indexer.scores(x, q_latent, index_keys, cos, sin)
+        return entries, topk_entry_bias(scores, usable, self.cfg.csa_topk)
+
+    def forward(self, x: torch.Tensor, cache: V4LayerCache | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        cache = cache if cache is not None else V4LayerCache()
+        positions = torch.arange(cache.pos, cache.pos + t, device=x.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        q_latent = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_latent).view(b, t, cfg.n_heads, cfg.head_dim)
+        q = rope_tail(unweighted_rms(q, cfg.norm_eps), cos, sin)
+        kv = rope_tail(self.kv_norm(self.wkv(x)), cos, sin)
+
+        keys, biases = [], []
+        if cfg.use_window:
+            k, bias = window_keys(kv, cache, cfg.window, positions)
+            keys.append(k)
+            biases.append(bias.expand(b, -1, -1))
+        if self.compressor is not None:
+            k, bias = self._compressed(x, q_latent, cache, positions, cos, sin)
+            keys.append(k)
+            biases.append(bias.expand(b, -1, -1))
+        cache.pos += t
+
+        o = attend_with_sink(q, torch.cat(keys, 1), torch.cat(biases, -1), self.sinks)
+        o = rope_tail(o, cos, -sin)  # R(-t): each key's rope part now enters through R(s - t)
+        o = torch.einsum("btgi,gri->btgr", o.reshape(b, t, cfg.o_groups, -1), self.wo_a)
+        return self.wo_b(o.flatten(2))
