@@ -18,8 +18,10 @@ import torch
 from v4_reference import (
     ATOL,
     DIM,
+    HEAD_DIM,
     M_CSA,
     M_HCA,
+    ROPE,
     TOPK,
     WINDOW,
     copy_attention,
@@ -32,7 +34,7 @@ from v4_reference import (
 )
 
 from v4lab.modules.compressor import CompressorState, rope_cos_sin, topk_entry_bias, usable_entries
-from v4lab.modules.v4_attention import V4Attention, V4LayerCache
+from v4lab.modules.v4_attention import V4Attention
 
 
 @pytest.mark.peer
@@ -137,15 +139,15 @@ def test_decode_token_by_token_equals_full_forward(kind, flags):
     x = torch.randn(2, 3 * M_HCA + 3, DIM, generator=torch.Generator().manual_seed(31))
     with torch.no_grad():
         full = layer(x)
-        cache = V4LayerCache()
+        cache = layer.new_cache()
         steps = torch.cat([layer(x[:, t:t + 1], cache) for t in range(x.shape[1])], 1)
-        cache2 = V4LayerCache()
+        cache2 = layer.new_cache()
         chunks = torch.cat([layer(x[:, a:b], cache2) for a, b in [(0, 5), (5, 6), (6, 17), (17, 27)]], 1)
     assert cache.pos == cache2.pos == 27
     if layer.compressor is not None:
         assert cache.comp.count == 27 // layer.ratio and cache.comp.buf_kv.shape[1] == 27 % layer.ratio
     if flags.get("use_window", True):
-        assert cache.window.shape[1] == layer.cfg.window - 1  # only the last W - 1 entries are kept
+        assert len(cache.window) == layer.cfg.window - 1  # only the last W - 1 entries are kept
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(chunks, full, atol=1e-5, rtol=0)
 
@@ -178,3 +180,50 @@ def test_bad_config_is_rejected_naming_key_value_and_rule():
         v4_config(hca_ratio=4)
     with pytest.raises(ConfigError, match=r"x\.window=0 "):
         v4_config(window=0)
+
+
+# ---------------------------------------------------------------- cache formats and training
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
+def test_low_precision_cache_decode_equals_full_forward(kind, fmt):
+    """Training rounds the attended entries exactly as the cache stores them, so decoding
+    from the stored bf16 / fp8 tensors reproduces the full forward; the rounding is real
+    (the output moves away from the fp32 one)."""
+    layer = make_layer(kind, 40, kv_dtype=fmt, kv_block=4)
+    x = torch.randn(2, 3 * M_HCA + 3, DIM, generator=torch.Generator().manual_seed(41))
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache()
+        steps = torch.cat([layer(x[:, t:t + 1], cache) for t in range(x.shape[1])], 1)
+        layer.cfg.kv_dtype = "fp32"
+        exact = layer(x)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
+    drift = (full - exact).abs().max().item() / exact.abs().max().item()
+    assert 1e-4 < drift < 0.2, drift
+    stored = cache.window.parts
+    if fmt == "fp8":
+        assert stored["nope"].dtype == torch.float8_e4m3fn and stored["rope"].dtype == torch.bfloat16
+        # nope: 8 e4m3 bytes + 2 fp32 scales; rope: 8 bf16 values
+        assert cache.window.bytes_per_entry() == (HEAD_DIM - ROPE) + 4 * (HEAD_DIM - ROPE) // 4 + 2 * ROPE
+    else:
+        assert stored["kv"].dtype == torch.bfloat16 and cache.window.bytes_per_entry() == 2 * HEAD_DIM
+    if kind != "sliding":
+        assert len(cache.entries) == x.shape[1] // layer.ratio
+        assert cache.entries.bytes_per_entry() == cache.window.bytes_per_entry()
+    assert cache.nbytes() == sum(s.nbytes() for s in (cache.window, cache.entries, cache.index_keys))
+
+
+@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
+def test_training_gradients_reach_every_parameter(kind):
+    """Backward through the fp8-rounded cache values (straight-through) and the sparse mask;
+    the indexer gets no gradient from the LM loss (top-k is not differentiable)."""
+    layer = make_layer(kind, 50, kv_dtype="fp8", kv_block=4)
+    x = torch.randn(2, 3 * M_HCA + 3, DIM, generator=torch.Generator().manual_seed(51), requires_grad=True)
+    layer(x).square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+    for name, p in layer.named_parameters():
+        if name.startswith("indexer."):
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name

@@ -119,12 +119,12 @@ def test_compressor_incremental_equals_full(overlap):
     randomize(comp, 4)
     x = torch.randn(1, 23, DIM, generator=torch.Generator().manual_seed(5))
     full = comp(x, CompressorState())
-    state = CompressorState()
+    state, outs = CompressorState(), []
     for a, b in [(0, 1), (1, 6), (6, 7), (7, 8), (8, 17), (17, 23)]:
-        out = comp(x[:, a:b], state)
-        assert out.shape[1] == b // M_CSA
+        outs.append(comp(x[:, a:b], state))
+        assert state.count == b // M_CSA and outs[-1].shape[1] == b // M_CSA - a // M_CSA
     assert state.buf_kv.shape[1] == 23 % M_CSA
-    torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- indexer

@@ -86,18 +86,14 @@ class CompressorState:
 
     buf_kv, buf_gate: [B, r, C] projected tokens of the incomplete block (r < m)
     prev_kv, prev_gate: [B, m, D] Ca half of the last complete block (overlap only)
-    entries: [B, N, D] compressed entries emitted so far (entry w covers tokens < (w+1) m)
+    count: entries emitted so far (entry w covers tokens < (w + 1) m)
     """
 
     buf_kv: torch.Tensor | None = None
     buf_gate: torch.Tensor | None = None
     prev_kv: torch.Tensor | None = None
     prev_gate: torch.Tensor | None = None
-    entries: torch.Tensor | None = None
-
-    @property
-    def count(self) -> int:
-        return 0 if self.entries is None else self.entries.shape[1]
+    count: int = 0
 
 
 class BlockCompressor(nn.Module):
@@ -105,7 +101,8 @@ class BlockCompressor(nn.Module):
 
     overlap=True is CSA's two-series layout (2 * ratio slots per entry, projections to
     2 * out_dim); overlap=False pools the block's own tokens (HCA, or CSA's no_overlap).
-    ``forward(x [B, T, dim], state)`` -> all entries so far [B, N, out_dim].
+    ``forward(x [B, T, dim], state)`` -> the entries of the blocks x completes [B, n, out_dim]
+    (on a fresh state: all complete blocks of x).
     """
 
     def __init__(self, dim: int, out_dim: int, ratio: int, overlap: bool, inv_freq: torch.Tensor,
@@ -143,9 +140,7 @@ class BlockCompressor(nn.Module):
         n = kv.shape[1] // m
         state.buf_kv, state.buf_gate = kv[:, n * m:], gate[:, n * m:]
         if n == 0:
-            if state.entries is None:
-                state.entries = x.new_zeros(x.shape[0], 0, self.out_dim)
-            return state.entries
+            return x.new_zeros(x.shape[0], 0, self.out_dim)
         kv = kv[:, : n * m].unflatten(1, (n, m))
         gate = gate[:, : n * m].unflatten(1, (n, m)) + self.position_bias
         if self.overlap:
@@ -154,9 +149,8 @@ class BlockCompressor(nn.Module):
         pooled = self.norm((kv * weights).sum(dim=2))  # [B, n, D]
         positions = (torch.arange(n, device=x.device) + state.count) * m  # each block's first token
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        new = rope_tail(pooled, cos, sin)
-        state.entries = new if state.entries is None else torch.cat([state.entries, new], 1)
-        return state.entries
+        state.count += n
+        return rope_tail(pooled, cos, sin)
 
 
 def usable_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
@@ -175,7 +169,8 @@ class LightningIndexerV4(nn.Module):
         I(t, s) = sum_h w(t, h) * ReLU(q(t, h) . K_s) / sqrt(head_dim),
         w(t, h) = (x_t W_w)_h / sqrt(n_heads)
 
-    ``keys(x, state)`` -> [B, N, head_dim]; ``scores(x, q_latent, keys, cos, sin)`` -> [B, T, N].
+    ``keys(x, state)`` -> keys of the blocks x completes [B, n, head_dim];
+    ``scores(x, q_latent, keys [B, N, head_dim], cos, sin)`` -> [B, T, N].
     """
 
     def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, ratio: int,

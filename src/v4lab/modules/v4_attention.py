@@ -29,15 +29,14 @@ Ablation switches (config): ``use_window`` (no_window), ``sink`` (no_sink), ``ov
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from v4lab.errors import require, require_positive
+from v4lab.errors import require, require_choice, require_positive
 from v4lab.modules.compressor import (
     BlockCompressor,
-    CompressorState,
     LightningIndexerV4,
     rope_cos_sin,
     rope_inv_freq,
@@ -46,6 +45,7 @@ from v4lab.modules.compressor import (
     usable_entries,
 )
 from v4lab.modules.norm import RMSNorm
+from v4lab.modules.v4_cache import KV_FORMATS, EntryStore, V4LayerCache
 
 LAYER_KINDS = ("sliding", "csa", "hca")
 
@@ -60,6 +60,8 @@ class V4AttentionConfig:
     index_n_heads / index_head_dim / csa_topk: the CSA lightning indexer and its top-k.
     o_groups / o_lora_rank: grouped output projection (heads split into o_groups groups).
     yarn_factor / yarn_original_len: YaRN on the compressed layers' RoPE (factor 1 = off).
+    kv_dtype / kv_block: cache format fp32 | bf16 | fp8 (nope e4m3, one scale per kv_block
+      values, rope bf16); training sees the same rounding.
     """
 
     n_heads: int = 4
@@ -82,6 +84,8 @@ class V4AttentionConfig:
     yarn_factor: float = 1.0
     yarn_original_len: int = 0
     norm_eps: float = 1e-6
+    kv_dtype: str = "fp32"
+    kv_block: int = 64
 
     def validate(self, path: str) -> None:
         for name in ("n_heads", "head_dim", "rope_dim", "q_lora_rank", "window", "csa_ratio", "hca_ratio",
@@ -101,6 +105,11 @@ class V4AttentionConfig:
                 "a number >= 1 (1 = no YaRN)")
         if self.yarn_factor > 1.0:
             require_positive(f"{path}.yarn_original_len", self.yarn_original_len)
+        require_choice(f"{path}.kv_dtype", self.kv_dtype, KV_FORMATS)
+        if self.kv_dtype == "fp8":
+            nope = self.head_dim - self.rope_dim
+            require(isinstance(self.kv_block, int) and self.kv_block > 0 and nope % self.kv_block == 0,
+                    f"{path}.kv_block", self.kv_block, f"a positive divisor of head_dim - rope_dim ({nope})")
 
     def layer_kind(self, key: str, ratio: int) -> str:
         """'sliding' | 'csa' | 'hca' for a layer's compress ratio; ``key`` names it in errors."""
@@ -130,21 +139,6 @@ class V4AttentionConfig:
             require(1 <= self.csa_topk <= n_blocks, f"{path}.csa_topk", self.csa_topk,
                     f"between 1 and the number of CSA blocks in the sequence ({seq_len} // "
                     f"{self.csa_ratio} = {n_blocks})")
-
-
-@dataclass
-class V4LayerCache:
-    """Decode state of one V4 attention layer (batch B).
-
-    window: [B, <= W - 1, d] the last window entries (kv after norm and RoPE)
-    comp / index: states of the layer's compressor and of the CSA indexer's compressor
-    pos: position of the next token
-    """
-
-    window: torch.Tensor | None = None
-    comp: CompressorState = field(default_factory=CompressorState)
-    index: CompressorState = field(default_factory=CompressorState)
-    pos: int = 0
 
 
 def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -177,16 +171,15 @@ def attend_with_sink(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
     return torch.einsum("bhts,bsd->bthd", probs, keys.float()).to(q.dtype)
 
 
-def window_keys(kv: torch.Tensor, cache: V4LayerCache, window: int,
+def window_keys(kv: torch.Tensor, store: EntryStore, window: int,
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window entries visible to the chunk and their bias; keeps the last W - 1 in the cache.
+    """Window entries visible to the chunk and their bias; the store keeps the last W - 1.
 
     kv: [B, T, d] this chunk's entries at ``positions`` [T]. Returns keys [B, S, d], bias [1, T, S].
     """
-    keys = kv if cache.window is None else torch.cat([cache.window, kv], dim=1)
+    keys = store.extend(kv, keep=window - 1)
     s_pos = torch.arange(keys.shape[1], device=kv.device) + positions[0] - (keys.shape[1] - kv.shape[1])
     seen = (s_pos[None, :] <= positions[:, None]) & (s_pos[None, :] > positions[:, None] - window)
-    cache.window = keys[:, max(keys.shape[1] - (window - 1), 0):]
     return keys, keep_bias(seen)[None]
 
 
@@ -226,24 +219,28 @@ class V4Attention(nn.Module):
             self.indexer = LightningIndexerV4(dim, r, cfg.index_n_heads, cfg.index_head_dim, cfg.csa_ratio,
                                               cfg.overlap, freq, cfg.norm_eps)
 
+    def new_cache(self) -> V4LayerCache:
+        """An empty decode cache in this layer's storage format."""
+        return V4LayerCache.empty(self.cfg.kv_dtype, self.cfg.rope_dim, self.cfg.kv_block)
+
     @property
     def ratio(self) -> int:
         return self.compressor.ratio if self.compressor is not None else 0
 
     def _compressed(self, x, q_latent, cache, positions, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed entries [B, N, d] and their bias [B or 1, T, N] for this chunk's queries."""
-        entries = self.compressor(x, cache.comp)
+        entries = cache.entries.extend(self.compressor(x, cache.comp))
         usable = usable_entries(positions, entries.shape[1], self.ratio)
         if self.indexer is None:  # HCA: every complete block
             return entries, keep_bias(usable)[None]
-        index_keys = self.indexer.keys(x, cache.index)
+        index_keys = cache.index_keys.extend(self.indexer.keys(x, cache.index))
         scores = self.indexer.scores(x, q_latent, index_keys, cos, sin)
         return entries, topk_entry_bias(scores, usable, self.cfg.csa_topk)
 
     def forward(self, x: torch.Tensor, cache: V4LayerCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        cache = cache if cache is not None else V4LayerCache()
+        cache = cache if cache is not None else self.new_cache()
         positions = torch.arange(cache.pos, cache.pos + t, device=x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         q_latent = self.q_norm(self.wq_a(x))
@@ -253,7 +250,7 @@ class V4Attention(nn.Module):
 
         keys, biases = [], []
         if cfg.use_window:
-            k, bias = window_keys(kv, cache, cfg.window, positions)
+            k, bias = window_keys(kv, cache.window, cfg.window, positions)
             keys.append(k)
             biases.append(bias.expand(b, -1, -1))
         if self.compressor is not None:
