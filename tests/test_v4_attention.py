@@ -13,6 +13,8 @@ reduction order but would catch any wrong slot, position, scale or mask.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from v4_reference import (
@@ -129,10 +131,15 @@ def test_switches_change_the_output():
 
 # ---------------------------------------------------------------- decoding with the cache
 
-@pytest.mark.parametrize("flags", FLAGS, ids=flag_id)
+EVERY_SWITCH = [dict(use_window=w, sink=s, overlap=o, csa_topk=k)
+                for w, s, o, k in itertools.product([True, False], [True, False], [True, False], [1, TOPK])]
+
+
+@pytest.mark.parametrize("flags", EVERY_SWITCH, ids=flag_id)
 @pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
 def test_decode_token_by_token_equals_full_forward(kind, flags):
-    """Token by token and in uneven chunks; 27 tokens end mid-block for m = 4 and m' = 8."""
+    """Token by token and in uneven chunks, every switch combination; 27 tokens end
+    mid-block for m = 4 and m' = 8. CSA decode steps read only their top-k entries."""
     if kind == "sliding" and flags.get("use_window") is False:
         pytest.skip("config error")
     layer = make_layer(kind, 30, **flags)
@@ -140,6 +147,9 @@ def test_decode_token_by_token_equals_full_forward(kind, flags):
     with torch.no_grad():
         full = layer(x)
         cache = layer.new_cache()
+        gathered = []
+        read_topk = cache.entries.gather
+        cache.entries.gather = lambda idx: gathered.append(idx.shape[1]) or read_topk(idx)
         steps = torch.cat([layer(x[:, t:t + 1], cache) for t in range(x.shape[1])], 1)
         cache2 = layer.new_cache()
         chunks = torch.cat([layer(x[:, a:b], cache2) for a, b in [(0, 5), (5, 6), (6, 17), (17, 27)]], 1)
@@ -148,6 +158,7 @@ def test_decode_token_by_token_equals_full_forward(kind, flags):
         assert cache.comp.count == 27 // layer.ratio and cache.comp.buf_kv.shape[1] == 27 % layer.ratio
     if flags.get("use_window", True):
         assert len(cache.window) == layer.cfg.window - 1  # only the last W - 1 entries are kept
+    assert (max(gathered) == flags["csa_topk"]) if kind == "csa" else not gathered
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(chunks, full, atol=1e-5, rtol=0)
 

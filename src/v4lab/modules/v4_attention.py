@@ -228,14 +228,25 @@ class V4Attention(nn.Module):
         return self.compressor.ratio if self.compressor is not None else 0
 
     def _compressed(self, x, q_latent, cache, positions, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed entries [B, N, d] and their bias [B or 1, T, N] for this chunk's queries."""
-        entries = cache.entries.extend(self.compressor(x, cache.comp))
-        usable = usable_entries(positions, entries.shape[1], self.ratio)
+        """Compressed entries [B, N, d] and their bias [B or 1, T, N] for this chunk's queries.
+
+        Decoding one token without autograd reads only the CSA top-k entries from the cache
+        (the dense mask over all N entries gives the same result at O(N) cost)."""
+        new = self.compressor(x, cache.comp)
         if self.indexer is None:  # HCA: every complete block
-            return entries, keep_bias(usable)[None]
+            entries = cache.entries.extend(new)
+            return entries, keep_bias(usable_entries(positions, entries.shape[1], self.ratio))[None]
         index_keys = cache.index_keys.extend(self.indexer.keys(x, cache.index))
+        usable = usable_entries(positions, index_keys.shape[1], self.ratio)
         scores = self.indexer.scores(x, q_latent, index_keys, cos, sin)
-        return entries, topk_entry_bias(scores, usable, self.cfg.csa_topk)
+        bias = topk_entry_bias(scores, usable, self.cfg.csa_topk)
+        if x.shape[1] > 1 or torch.is_grad_enabled() or index_keys.shape[1] == 0:
+            return cache.entries.extend(new), bias
+        if new.shape[1]:
+            cache.entries.append(new)
+        keep = torch.isfinite(bias[:, 0])  # [B, N]: same count in every row (it depends on t only)
+        idx = keep.nonzero()[:, 1].view(x.shape[0], -1)
+        return cache.entries.gather(idx).to(x.dtype), bias.new_zeros(x.shape[0], 1, idx.shape[1])
 
     def forward(self, x: torch.Tensor, cache: V4LayerCache | None = None) -> torch.Tensor:
         cfg = self.cfg

@@ -79,11 +79,22 @@ class EntryStore:
     def keep_last(self, n: int) -> None:
         self.parts = {k: v[:, max(v.shape[1] - n, 0):] for k, v in self.parts.items()}
 
-    def read(self) -> torch.Tensor:
+    def _decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.fmt != "fp8":
-            return self.parts["kv"].float()
-        nope = dequantize(self.parts["nope"], self.parts["scale"])
-        return torch.cat([nope, self.parts["rope"].float()], dim=-1)
+            return parts["kv"].float()
+        return torch.cat([dequantize(parts["nope"], parts["scale"]), parts["rope"].float()], dim=-1)
+
+    def read(self) -> torch.Tensor:
+        return self._decode(self.parts)
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Only the entries idx [B, k] -> [B, k, d] fp32 (decoding reads just its top-k)."""
+        b = torch.arange(idx.shape[0], device=idx.device)[:, None]
+
+        def take(v: torch.Tensor) -> torch.Tensor:  # 1-byte dtypes are indexed as raw bytes
+            return v.view(torch.uint8)[b, idx].view(v.dtype) if v.element_size() == 1 else v[b, idx]
+
+        return self._decode({k: take(v) for k, v in self.parts.items()})
 
     def bytes_per_entry(self) -> int:
         """Bytes one entry occupies, read off the stored tensors (0 while empty)."""
