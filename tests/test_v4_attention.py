@@ -21,6 +21,7 @@ from v4_reference import (
     ATOL,
     DIM,
     HEAD_DIM,
+    IDX_DIM,
     M_CSA,
     M_HCA,
     ROPE,
@@ -36,6 +37,7 @@ from v4_reference import (
 )
 
 from v4lab.modules.compressor import CompressorState, rope_cos_sin, topk_entry_bias, usable_entries
+from v4lab.modules.norm import RMSNorm
 from v4lab.modules.v4_attention import V4Attention
 
 
@@ -150,9 +152,10 @@ def test_decode_token_by_token_equals_full_forward(kind, flags):
         gathered = []
         read_topk = cache.entries.gather
         cache.entries.gather = lambda idx: gathered.append(idx.shape[1]) or read_topk(idx)
-        steps = torch.cat([layer(x[:, t:t + 1], cache) for t in range(x.shape[1])], 1)
+        steps = torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(x.shape[1])], 1)
         cache2 = layer.new_cache()
-        chunks = torch.cat([layer(x[:, a:b], cache2) for a, b in [(0, 5), (5, 6), (6, 17), (17, 27)]], 1)
+        chunks = torch.cat([layer(x[:, a:b], cache=cache2)
+                            for a, b in [(0, 5), (5, 6), (6, 17), (17, 27)]], 1)
     assert cache.pos == cache2.pos == 27
     if layer.compressor is not None:
         assert cache.comp.count == 27 // layer.ratio and cache.comp.buf_kv.shape[1] == 27 % layer.ratio
@@ -206,7 +209,7 @@ def test_low_precision_cache_decode_equals_full_forward(kind, fmt):
     with torch.no_grad():
         full = layer(x)
         cache = layer.new_cache()
-        steps = torch.cat([layer(x[:, t:t + 1], cache) for t in range(x.shape[1])], 1)
+        steps = torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(x.shape[1])], 1)
         layer.cfg.kv_dtype = "fp32"
         exact = layer(x)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
@@ -223,6 +226,9 @@ def test_low_precision_cache_decode_equals_full_forward(kind, fmt):
         assert len(cache.entries) == x.shape[1] // layer.ratio
         assert cache.entries.bytes_per_entry() == cache.window.bytes_per_entry()
     assert cache.nbytes() == sum(s.nbytes() for s in (cache.window, cache.entries, cache.index_keys))
+    index_bytes = {"sliding": 0, "hca": 0, "csa": 2 * IDX_DIM}[kind]  # bf16 indexer keys
+    entry_bytes = cache.window.bytes_per_entry() if kind != "sliding" else 0
+    assert cache.bytes_per_token() == (entry_bytes + index_bytes) / max(layer.ratio, 1)
 
 
 @pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
@@ -238,3 +244,66 @@ def test_training_gradients_reach_every_parameter(kind):
             assert p.grad is None or not p.grad.any(), name
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+
+
+# ---------------------------------------------------------------- a tiny stack
+
+class TinyStack(torch.nn.Module):
+    """Embedding -> [RMSNorm -> attention, residual] per layer -> RMSNorm -> logits."""
+
+    def __init__(self, layers: list[torch.nn.Module], vocab: int = 50) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, DIM)
+        self.norms = torch.nn.ModuleList(RMSNorm(DIM) for _ in layers)
+        self.layers = torch.nn.ModuleList(layers)
+        self.head = torch.nn.Linear(DIM, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor, run_layer) -> torch.Tensor:
+        x = self.emb(ids)
+        for i, (norm, layer) in enumerate(zip(self.norms, self.layers)):
+            x = x + run_layer(i, layer, norm(x))
+        return self.head(x)
+
+
+@pytest.mark.peer
+def test_tiny_attention_stack_logits_match_reference_and_decode():
+    """Sliding, CSA and HCA layers in one residual stack: our logits equal the stack of the
+    reference's attention modules (same embedding, norms, head); decoding it token by token
+    through per-layer caches gives the same logits."""
+    cfg, ref = ref_modules()
+    cfg.index_topk = 6  # top-k = every entry at 27 tokens: no tie-breaking involved
+    theirs = [ref.DeepseekV4Attention(cfg, i).eval() for i in range(3)]
+    mine = []
+    for i, (kind, t) in enumerate(zip(["sliding", "csa", "hca"], theirs)):
+        randomize(t, 60 + i)
+        mine.append(make_layer(kind, 0, csa_topk=6))
+        copy_attention(mine[-1], t)
+    stack = TinyStack(mine)
+    ids = torch.randint(0, 50, (2, 27), generator=torch.Generator().manual_seed(61))
+    pos = torch.arange(27)[None].expand(2, -1)
+    rot = ref.DeepseekV4RotaryEmbedding(cfg)
+    mask = sliding_mask(27, WINDOW).expand(2, -1, -1, -1)
+
+    def run_ref(i, layer, h):
+        emb = {k: rot(h, pos, layer_type=k) for k in ("main", "compress")}
+        return theirs[i](h, emb, pos, mask)[0]
+
+    with torch.no_grad():
+        want = stack(ids, run_ref)
+        got = stack(ids, lambda i, layer, h: layer(h))
+        caches = [layer.new_cache() for layer in mine]
+        steps = torch.cat([stack(ids[:, t:t + 1], lambda i, layer, h: layer(h, cache=caches[i]))
+                           for t in range(27)], 1)
+    assert (got - want).abs().max() < ATOL * want.abs().max()
+    torch.testing.assert_close(steps, got, atol=1e-5, rtol=0)
+
+
+def test_model_protocol_positions_are_checked():
+    from v4lab.modules.context import ForwardContext
+
+    layer = make_layer("hca", 70)
+    x = torch.randn(1, 4, DIM)
+    cache = layer.new_cache(1, 64, "cpu")
+    layer(x, ForwardContext(positions=torch.arange(4)), cache)
+    with pytest.raises(ValueError, match="starts at position 0 but the cache holds 4"):
+        layer(x, ForwardContext(positions=torch.arange(4)), cache)

@@ -44,6 +44,7 @@ from v4lab.modules.compressor import (
     topk_entry_bias,
     usable_entries,
 )
+from v4lab.modules.context import ForwardContext
 from v4lab.modules.norm import RMSNorm
 from v4lab.modules.v4_cache import KV_FORMATS, EntryStore, V4LayerCache
 
@@ -186,8 +187,10 @@ def window_keys(kv: torch.Tensor, store: EntryStore, window: int,
 class V4Attention(nn.Module):
     """One DeepSeek-V4 attention layer of kind 'sliding' | 'csa' | 'hca'.
 
-    ``forward(x [B, T, dim], cache=None)`` -> [B, T, dim]; with a cache, x continues at
-    ``cache.pos`` and the cache is advanced.
+    ``forward(x [B, T, dim], ctx=None, cache=None)`` -> [B, T, dim]; with a cache, x
+    continues at ``cache.pos`` and the cache is advanced. The (x, ctx, cache) signature,
+    ``new_cache(batch, max_len, device)`` and ``init_weights(std)`` follow the model's
+    block protocol (as MLA does); ctx is only used to check the positions.
     """
 
     def __init__(self, dim: int, cfg: V4AttentionConfig, kind: str) -> None:
@@ -219,9 +222,16 @@ class V4Attention(nn.Module):
             self.indexer = LightningIndexerV4(dim, r, cfg.index_n_heads, cfg.index_head_dim, cfg.csa_ratio,
                                               cfg.overlap, freq, cfg.norm_eps)
 
-    def new_cache(self) -> V4LayerCache:
-        """An empty decode cache in this layer's storage format."""
-        return V4LayerCache.empty(self.cfg.kv_dtype, self.cfg.rope_dim, self.cfg.kv_block)
+    def new_cache(self, batch: int | None = None, max_len: int | None = None,
+                  device: torch.device | str | None = None) -> V4LayerCache:
+        """An empty decode cache in this layer's storage format (it grows as tokens come:
+        batch, max_len and device are taken from the inputs)."""
+        return V4LayerCache.empty(self.cfg.kv_dtype, self.cfg.rope_dim, self.cfg.kv_block, self.ratio)
+
+    def init_weights(self, std: float) -> None:
+        """The model's init for the parameters that are not nn.Linear weights: the grouped
+        output blocks like a linear layer; sinks and position biases start at zero."""
+        nn.init.normal_(self.wo_a, std=std)
 
     @property
     def ratio(self) -> int:
@@ -248,11 +258,15 @@ class V4Attention(nn.Module):
         idx = keep.nonzero()[:, 1].view(x.shape[0], -1)
         return cache.entries.gather(idx).to(x.dtype), bias.new_zeros(x.shape[0], 1, idx.shape[1])
 
-    def forward(self, x: torch.Tensor, cache: V4LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None,
+                cache: V4LayerCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
         cache = cache if cache is not None else self.new_cache()
         positions = torch.arange(cache.pos, cache.pos + t, device=x.device)
+        if ctx is not None and int(ctx.positions[0]) != cache.pos:
+            raise ValueError(f"V4 attention: chunk starts at position {int(ctx.positions[0])} but the "
+                             f"cache holds {cache.pos} tokens (without a cache a chunk starts at 0)")
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).view(b, t, cfg.n_heads, cfg.head_dim)

@@ -110,7 +110,8 @@ class V4LayerCache:
 
     window: the last W - 1 window entries; entries / index_keys: compressed entries and
     the CSA indexer's keys; comp / index: the two compressors' states (incomplete block,
-    overlap half, entry count); pos: position of the next token.
+    overlap half, entry count); ratio: the layer's block length (0: sliding only);
+    pos: position of the next token.
     Build it with :meth:`V4Attention.new_cache` so the stores use the layer's format.
     """
 
@@ -119,13 +120,27 @@ class V4LayerCache:
     index_keys: EntryStore
     comp: CompressorState = field(default_factory=CompressorState)
     index: CompressorState = field(default_factory=CompressorState)
+    ratio: int = 0
     pos: int = 0
 
     @classmethod
-    def empty(cls, fmt: str, rope_dim: int, block: int) -> V4LayerCache:
+    def empty(cls, fmt: str, rope_dim: int, block: int, ratio: int) -> V4LayerCache:
         index_fmt = "fp32" if fmt == "fp32" else "bf16"
         return cls(EntryStore(fmt, rope_dim, block), EntryStore(fmt, rope_dim, block),
-                   EntryStore(index_fmt, rope_dim, block))
+                   EntryStore(index_fmt, rope_dim, block), ratio=ratio)
+
+    def bytes_per_token(self) -> float:
+        """How fast the cache grows: bytes per token of context, read off the stored
+        compressed entries and indexer keys (one of each per ``ratio`` tokens). The window
+        is a constant ``window_bytes()`` on top. 0 for a sliding-only layer, and until the
+        first block completes."""
+        if self.ratio == 0:
+            return 0.0
+        return (self.entries.bytes_per_entry() + self.index_keys.bytes_per_entry()) / self.ratio
+
+    def window_bytes(self) -> int:
+        """Bytes of the full window (W - 1 stored entries), once it has filled."""
+        return self.window.nbytes()
 
     def nbytes(self) -> int:
         """Bytes held by the stored entries (window, compressed, indexer keys); the
