@@ -246,11 +246,13 @@ class V4Attention(nn.Module):
         if self.indexer is None:  # HCA: every complete block
             entries = cache.entries.extend(new)
             return entries, keep_bias(usable_entries(positions, entries.shape[1], self.ratio))[None]
-        index_keys = cache.index_keys.extend(self.indexer.keys(x, cache.index))
-        usable = usable_entries(positions, index_keys.shape[1], self.ratio)
-        scores = self.indexer.scores(x, q_latent, index_keys, cos, sin)
-        bias = topk_entry_bias(scores, usable, self.cfg.csa_topk)
-        if x.shape[1] > 1 or torch.is_grad_enabled() or index_keys.shape[1] == 0:
+        training = torch.is_grad_enabled()
+        with torch.no_grad():  # the top-k choice passes no gradient: no graph for the indexer
+            index_keys = cache.index_keys.extend(self.indexer.keys(x, cache.index))
+            usable = usable_entries(positions, index_keys.shape[1], self.ratio)
+            scores = self.indexer.scores(x, q_latent, index_keys, cos, sin)
+            bias = topk_entry_bias(scores, usable, self.cfg.csa_topk)
+        if x.shape[1] > 1 or training or index_keys.shape[1] == 0:
             return cache.entries.extend(new), bias
         if new.shape[1]:
             cache.entries.append(new)
@@ -262,7 +264,8 @@ class V4Attention(nn.Module):
                 cache: V4LayerCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        cache = cache if cache is not None else self.new_cache()
+        if cache is None:  # a whole sequence from position 0: state is built and dropped
+            cache = V4LayerCache.empty(cfg.kv_dtype, cfg.rope_dim, cfg.kv_block, self.ratio, keep=False)
         positions = torch.arange(cache.pos, cache.pos + t, device=x.device)
         if ctx is not None and int(ctx.positions[0]) != cache.pos:
             raise ValueError(f"V4 attention: chunk starts at position {int(ctx.positions[0])} but the "

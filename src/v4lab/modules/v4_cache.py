@@ -40,11 +40,12 @@ class EntryStore:
 
     ``append(x [B, n, d])`` stores x (unrounded; the format rounds it); ``read()`` ->
     [B, L, d] fp32 equal to ``round_entries`` of everything appended; ``keep_last(n)``
-    drops older entries (the sliding window).
+    drops older entries (the sliding window). ``keep=False``: a throwaway store for a
+    forward without a cache, which stores nothing.
     """
 
-    def __init__(self, fmt: str, rope_dim: int, block: int) -> None:
-        self.fmt, self.rope_dim, self.block = fmt, rope_dim, block
+    def __init__(self, fmt: str, rope_dim: int, block: int, keep: bool = True) -> None:
+        self.fmt, self.rope_dim, self.block, self.keep = fmt, rope_dim, block, keep
         self.parts: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -59,6 +60,8 @@ class EntryStore:
         return {"nope": q, "scale": scale, "rope": x[..., -self.rope_dim:].to(torch.bfloat16)}
 
     def append(self, x: torch.Tensor) -> None:
+        if not self.keep:
+            return
         new = self._encode(x.detach())
         if not self.parts:
             self.parts = new
@@ -124,10 +127,11 @@ class V4LayerCache:
     pos: int = 0
 
     @classmethod
-    def empty(cls, fmt: str, rope_dim: int, block: int, ratio: int) -> V4LayerCache:
+    def empty(cls, fmt: str, rope_dim: int, block: int, ratio: int, keep: bool = True) -> V4LayerCache:
+        """A fresh cache; ``keep=False`` for a forward without one (nothing is stored)."""
         index_fmt = "fp32" if fmt == "fp32" else "bf16"
-        return cls(EntryStore(fmt, rope_dim, block), EntryStore(fmt, rope_dim, block),
-                   EntryStore(index_fmt, rope_dim, block), ratio=ratio)
+        return cls(EntryStore(fmt, rope_dim, block, keep), EntryStore(fmt, rope_dim, block, keep),
+                   EntryStore(index_fmt, rope_dim, block, keep), ratio=ratio)
 
     def bytes_per_token(self) -> float:
         """How fast the cache grows: bytes per token of context, read off the stored
