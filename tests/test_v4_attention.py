@@ -307,3 +307,19 @@ def test_model_protocol_positions_are_checked():
     layer(x, ForwardContext(positions=torch.arange(4)), cache)
     with pytest.raises(ValueError, match="starts at position 0 but the cache holds 4"):
         layer(x, ForwardContext(positions=torch.arange(4)), cache)
+
+
+def test_cache_bytes_at_v4_flash_entry_shape():
+    """Bytes per stored entry read off the tensors at V4-Flash's entry shape (d = 512,
+    rope 64, fp8 blocks of 64 with fp32 scales; indexer keys 128 wide in bf16) equal the
+    arithmetic: 448 e4m3 bytes + 7 scales * 4 + 64 bf16 * 2 = 604."""
+    from v4lab.modules.v4_cache import V4LayerCache
+
+    for ratio, per_token in [(4, (604 + 2 * 128) / 4), (128, 604 / 128)]:
+        cache = V4LayerCache.empty("fp8", 64, 64, ratio)
+        cache.entries.append(torch.randn(1, 3, 512))
+        if ratio == 4:
+            cache.index_keys.append(torch.randn(1, 3, 128))
+        assert cache.entries.bytes_per_entry() == 604
+        assert cache.bytes_per_token() == per_token
+        assert cache.nbytes() == 3 * 604 + (3 * 256 if ratio == 4 else 0)
