@@ -22,8 +22,6 @@ from v4lab.modules.attention import round_through
 from v4lab.modules.compressor import CompressorState
 from v4lab.modules.kv_quant import dequantize, fake_quant, quantize
 
-KV_FORMATS = ("fp32", "bf16", "fp8")
-
 
 def round_entries(x: torch.Tensor, fmt: str, rope_dim: int, block: int) -> torch.Tensor:
     """x [..., d] with the rounding the cache applies in format ``fmt`` (STE gradient)."""
