@@ -194,6 +194,10 @@ def test_bad_config_is_rejected_naming_key_value_and_rule():
         v4_config(hca_ratio=4)
     with pytest.raises(ConfigError, match=r"x\.window=0 "):
         v4_config(window=0)
+    with pytest.raises(ConfigError, match=r"kind='sliding' .*use_window=false"):
+        V4Attention(DIM, v4_config(use_window=False), "sliding")
+    with pytest.raises(ConfigError, match=r"kind='dense' "):
+        V4Attention(DIM, v4_config(), "dense")
 
 
 # ---------------------------------------------------------------- cache formats and training

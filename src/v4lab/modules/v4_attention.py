@@ -104,6 +104,8 @@ class V4Attention(nn.Module):
     def __init__(self, dim: int, cfg: V4AttentionConfig, kind: str) -> None:
         super().__init__()
         require(kind in LAYER_KINDS, "kind", kind, f"one of {LAYER_KINDS}")
+        require(kind != "sliding" or cfg.use_window, "kind", kind,
+                "a compressed kind when use_window=false (a sliding-only layer would see nothing)")
         self.cfg, self.kind = cfg, kind
         h, d, r = cfg.n_heads, cfg.head_dim, cfg.q_lora_rank
         self.wq_a = nn.Linear(dim, r, bias=False)
