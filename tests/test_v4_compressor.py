@@ -3,11 +3,11 @@
 Every numerical piece is checked two ways:
   (a) against transformers' DeepSeek-V4 modules (marked ``peer``) with weights copied
       into ours, fp32;
-  (b) against a naive per-block / per-query loop written here from the formulas
+  (b) against a naive per-block / per-query loop (tests/v4_reference.py) from the formulas
       (RoPE as complex multiplication, explicit softmax sums), sharing no code with src.
 
 Tolerances: fp32 sums of at most a few hundred terms of O(1) values; the observed
-differences are ~1e-6, the bounds (atol 2e-5 on O(1) outputs) leave room for BLAS
+differences are 0 to ~1e-6, the bounds (atol 2e-5 on O(1) outputs) leave room for BLAS
 reduction order but would catch any wrong slot, position, scale or mask.
 """
 
