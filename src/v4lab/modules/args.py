@@ -220,3 +220,30 @@ class EngramConfig:
         require_positive(f"{path}.head_dim", self.head_dim)
         require_positive(f"{path}.kernel_size", self.kernel_size)
         require(self.lr_multiplier > 0, f"{path}.lr_multiplier", self.lr_multiplier, "> 0")
+
+
+@dataclass
+class HyperConnectionConfig:
+    """Hyper-connections: the residual is ``n_streams`` parallel streams (modules/mhc.py).
+
+    enabled: false = the plain residual (one stream, x + f(x)).
+    n_streams: residual streams (4 in DeepSeek-V4); the embedding is copied into all.
+    sinkhorn_iters: Sinkhorn normalisation rounds making the residual-mixing matrix doubly
+      stochastic (20 in V4).
+    eps: added to the pre weights and to every Sinkhorn denominator (V4's hc_eps).
+    constrained: true = manifold-constrained (mHC, Sinkhorn); false = unconstrained
+      hyper-connections: the mixing matrix is identity + the learned map, no Sinkhorn.
+    """
+
+    enabled: bool = False
+    n_streams: int = 4
+    sinkhorn_iters: int = 20
+    eps: float = 1e-6
+    constrained: bool = True
+
+    def validate(self, path: str) -> None:
+        require(isinstance(self.n_streams, int) and self.n_streams >= 1, f"{path}.n_streams",
+                self.n_streams, "an integer >= 1")
+        require(isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1,
+                f"{path}.sinkhorn_iters", self.sinkhorn_iters, "an integer >= 1")
+        require(self.eps >= 0, f"{path}.eps", self.eps, ">= 0")
