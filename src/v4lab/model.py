@@ -70,7 +70,7 @@ def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if cfg.moe.enabled and layer_idx >= cfg.moe.first_dense_layers:
         from v4lab.modules.moe import MoE
 
-        return MoE(cfg.dim, cfg.moe)
+        return MoE(cfg.dim, cfg.moe, layer_idx, cfg.vocab_size)
     return SwiGLU(cfg.dim, cfg.ffn_dim)
 
 

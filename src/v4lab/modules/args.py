@@ -136,6 +136,11 @@ class MoEConfig:
       score is the sum of its top-2 biased scores; only the topk_groups best groups stay
       eligible for the top-k selection.
     Shared experts form one SwiGLU of width n_shared_experts * expert_dim (V3 convention).
+    hash_layers: the first ``hash_layers`` MoE layers route by a frozen token-id -> experts
+      table (DeepSeek-V4's hash routing), generated from ``hash_seed`` and the layer index;
+      their gate weights still come from the learned scores (no bias).
+    swiglu_limit: > 0 clamps every expert's SwiGLU (routed and shared) as DeepSeek-V4 does
+      (10 there): up projection to [-limit, limit], gate projection to <= limit. 0 = off.
     """
 
     enabled: bool = False
@@ -150,6 +155,14 @@ class MoEConfig:
     aux_loss_alpha: float = 0.0
     n_groups: int = 1
     topk_groups: int = 1
+    hash_layers: int = 0
+    hash_seed: int = 0
+    swiglu_limit: float = 0.0
+
+    def is_hash_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` is one of the first ``hash_layers`` MoE layers."""
+        first = self.first_dense_layers
+        return self.enabled and first <= layer_idx < first + self.hash_layers
 
     def validate(self, path: str, n_layers: int) -> None:
         require_choice(f"{path}.score_func", self.score_func, MOE_SCORE_FUNCS)
@@ -173,6 +186,14 @@ class MoEConfig:
                 f"a divisor of n_routed_experts={self.n_routed_experts}")
         require(1 <= self.topk_groups <= self.n_groups, f"{path}.topk_groups",
                 self.topk_groups, f"an integer in [1, n_groups={self.n_groups}]")
+        n_moe = n_layers - self.first_dense_layers
+        require(isinstance(self.hash_layers, int) and 0 <= self.hash_layers <= n_moe,
+                f"{path}.hash_layers", self.hash_layers,
+                f"an integer in [0, {n_moe}] (the MoE layers: model.n_layers={n_layers} - "
+                f"first_dense_layers={self.first_dense_layers})")
+        require(isinstance(self.hash_seed, int), f"{path}.hash_seed", self.hash_seed, "an integer")
+        require(self.swiglu_limit >= 0, f"{path}.swiglu_limit", self.swiglu_limit,
+                ">= 0 (0 = no clamp)")
         eligible = self.topk_groups * (self.n_routed_experts // self.n_groups)
         require(self.top_k <= eligible, f"{path}.top_k", self.top_k,
                 f"<= topk_groups * n_routed_experts / n_groups = {eligible} (experts in the "
