@@ -15,6 +15,7 @@ KV_DTYPES = ("fp32", "bf16", "fp8", "int8")
 KV_SCALE_FORMATS = ("fp32", "ue8m0")
 ATTENTION_KINDS = ("mha", "mla")
 MOE_SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
+ENGRAM_GATES = ("signed_sqrt", "plain")
 
 
 @dataclass
@@ -211,6 +212,8 @@ class EngramConfig:
     kernel_size: depthwise causal convolution kernel (dilation = max order).
     lr_multiplier: learning-rate multiplier of the table's optimizer group (no weight decay).
     host_memory: keep the table in host memory, indices computed before the layer runs.
+    gate: signed_sqrt = sigmoid(sign(g) sqrt|g|) of the scaled dot product g, as the Engram
+      paper's demo; plain = sigmoid(g), the lab's earlier gate, kept for comparison.
     """
 
     enabled: bool = False
@@ -222,8 +225,10 @@ class EngramConfig:
     kernel_size: int = 4
     lr_multiplier: float = 5.0
     host_memory: bool = False
+    gate: str = "signed_sqrt"
 
     def validate(self, path: str, n_layers: int) -> None:
+        require_choice(f"{path}.gate", self.gate, ENGRAM_GATES)
         if not self.enabled:
             return
         require(len(self.layers) > 0, f"{path}.layers", self.layers, "a non-empty list")

@@ -6,11 +6,17 @@ For every position t, every N-gram order n in ``cfg.ngram_orders`` and every one
 all J = len(orders) * heads sub-tables are concatenated into e_t [J * head_dim]. Then
 
     k_t     = W_K e_t,  v_t = W_V e_t                                  [dim]
-    alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(k_t)> / sqrt(dim))         (context-aware gate)
+    g_t     = <RMSNorm(h_t), RMSNorm(k_t)> / sqrt(dim)
+    alpha_t = sigmoid(sign(g_t) sqrt(max(|g_t|, 1e-6)))                 (context-aware gate)
     u_t     = alpha_t * v_t
     y_t     = u_t + SiLU(DepthwiseCausalConv(RMSNorm(u))_t)            (kernel K, dilation max n)
 
 and y joins the residual stream before the block's attention (``Block`` adds it to h).
+
+The gate's signed square root is the paper's official demo's: it compresses large scores
+(the gate saturates less) and amplifies small ones (the floor 1e-6 inside the root
+bounds its gradient; |g| below it maps to +-1e-3, g = 0 to 0). ``cfg.gate='plain'`` gives
+sigmoid(g_t), the gate this lab used before, for comparison.
 
 Hash. Positions before the sequence start read the pad id ``vocab_size`` (no canonical id
 equals it). For sub-table j of order n, with odd multipliers m[j, k] drawn from a
@@ -133,6 +139,7 @@ class Engram(nn.Module):
             raise ValueError(f"vocab_size={vocab_size} too large for the int64 hash (< 2^31)")
         self.dim, self.layer_idx, self.vocab_size = dim, layer_idx, vocab_size
         self.head_dim, self.host_memory = cfg.head_dim, cfg.host_memory
+        self.signed_sqrt_gate = cfg.gate == "signed_sqrt"
         self.orders = sorted(cfg.ngram_orders)
         self.max_order = max(self.orders)
         self.heads = cfg.heads_per_order
@@ -296,15 +303,22 @@ class Engram(nn.Module):
         return y
 
     def gate(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """alpha = sigmoid(<RMSNorm_h(h), RMSNorm_k(k)> / sqrt(dim)): [B, T, 1] from h, k
-        [B, T, dim]. Computed as <h * k, g_h * g_k> * r_h * r_k with r = 1/rms, in fp32:
-        the same value as normalising both first, with fewer passes over [B, T, dim]."""
+        """alpha = sigmoid(sign(g) sqrt(max(|g|, 1e-6))) (or sigmoid(g) with
+        cfg.gate='plain') of g = :meth:`gate_score`: [B, T, 1] from h, k [B, T, dim]."""
+        score = self.gate_score(h, k)
+        if self.signed_sqrt_gate:
+            score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
+        return torch.sigmoid(score)
+
+    def gate_score(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """g = <RMSNorm_h(h), RMSNorm_k(k)> / sqrt(dim): [B, T, 1], in fp32. Computed as
+        <h * k, g_h * g_k> * r_h * r_k with r = 1/rms: the same value as normalising both
+        first, with fewer passes over [B, T, dim]."""
         hf, kf = h.float(), k.float()
         r_h = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.norm_h.eps)
         r_k = torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + self.norm_k.eps)
         g = (self.norm_h.weight * self.norm_k.weight).float()
-        score = (hf * kf) @ g.unsqueeze(-1)
-        return torch.sigmoid(score * r_h * r_k / math.sqrt(self.dim))
+        return (hf * kf) @ g.unsqueeze(-1) * r_h * r_k / math.sqrt(self.dim)
 
     def _conv(self, z: torch.Tensor, cache: EngramCache | None) -> torch.Tensor:
         """Depthwise causal dilated conv over time: z [B, T, dim] -> [B, T, dim]; prepends
