@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from v4lab.errors import ConfigError
+from v4lab.model import ModelConfig, Transformer
+from v4lab.modules.args import AttentionConfig, KVCacheConfig, MoEConfig
+from v4lab.modules.context import ForwardContext
 from v4lab.modules.mhc import HyperConnection, HyperConnectionConfig, HyperHead, expand_streams, sinkhorn
 
 DIM, N = 16, 4
@@ -276,3 +279,188 @@ def test_autocast_keeps_coefficients_fp32():
 def test_bad_config(kw, key):
     with pytest.raises(ConfigError, match=rf"^{key}=.* is not allowed: "):
         HyperConnectionConfig(enabled=True, **kw).validate("model.hc")
+
+
+# ---- in the model --------------------------------------------------------------------------------
+def model_cfg(kind: str = "mha", hc: HyperConnectionConfig | None = None, hash_layers: int = 1,
+              n_layers: int = 3) -> ModelConfig:
+    att = AttentionConfig(kind=kind, n_heads=2, head_dim=8, kv_lora_rank=16, q_lora_rank=16,
+                          qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                          kv_cache=KVCacheConfig(dtype="fp32"))
+    moe = MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=1, top_k=2, expert_dim=8,
+                    first_dense_layers=0, hash_layers=hash_layers, score_func="sqrtsoftplus",
+                    route_scale=1.5, swiglu_limit=1.0)
+    return ModelConfig(vocab_size=50, dim=DIM, n_layers=n_layers, ffn_dim=24, max_seq_len=32,
+                       init_std=0.2, attention=att, moe=moe, hc=hc or hc_cfg())
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    for i, blk in enumerate(model.blocks):  # coefficients far from their init values
+        if blk.attn_hc is not None:
+            randomize(blk.attn_hc, seed=100 + i), randomize(blk.ffn_hc, seed=200 + i)
+    if model.hc_head is not None:
+        randomize(model.hc_head, seed=300)
+    return model
+
+
+def test_model_with_hc_off_is_unchanged_and_on_adds_the_sites():
+    off = build(model_cfg(hc=HyperConnectionConfig(enabled=False)))
+    assert not any("hc" in k for k in off.state_dict())
+    on = build(model_cfg())
+    extra = set(on.state_dict()) - set(off.state_dict())
+    assert extra == {f"blocks.{i}.{site}_hc.{p}" for i in range(3) for site in ("attn", "ffn")
+                     for p in ("weight", "bias", "scale")} | {"hc_head.weight", "hc_head.bias",
+                                                                 "hc_head.scale"}
+    # Transformer's init reaches the sites (init_std 0.2, not the module default 0.02)
+    fresh = Transformer(model_cfg())
+    assert fresh.blocks[0].attn_hc.weight.std().item() == pytest.approx(0.2, rel=0.1)
+    ids = torch.randint(0, 50, (2, 9))
+    assert on(ids).shape == (2, 9, 50)
+
+
+def sublayers(blk, ctx: ForwardContext):
+    """(site, norm, sublayer) of a block's attention and FFN."""
+    return ((blk.attn_hc, blk.attn_norm, lambda h: blk.attn(h, ctx, None)),
+            (blk.ffn_hc, blk.ffn_norm, lambda h: blk.ffn(h, ctx)))
+
+
+def naive_model_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """The hyper-connected forward written with the sites' coefficients: streams as a list."""
+    n = model.cfg.hc.n_streams
+    ctx = ForwardContext(positions=torch.arange(ids.shape[1]), input_ids=ids)
+    xs = [model.tok_emb(ids)] * n
+    for blk in model.blocks:
+        for site, norm, f in sublayers(blk, ctx):
+            pre, post, res = site.coefficients(torch.stack(xs, dim=2))
+            y = f(norm(sum(pre[..., i, None] * xs[i] for i in range(n))))
+            xs = [post[..., k, None] * y + sum(res[..., j, k, None] * xs[j] for j in range(n))
+                  for k in range(n)]
+    return model.lm_head(model.norm(model.hc_head(torch.stack(xs, dim=2))))
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_model_forward_matches_stream_list_computation(constrained):
+    model = build(model_cfg(hc=hc_cfg(constrained=constrained)))
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, ref = model(ids), naive_model_forward(model, ids)
+    assert float(ref.abs().max()) > 1.0
+    assert float((got - ref).abs().max()) < 1e-4  # fp32, logits of order 1-10
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_token_by_token_decode_equals_full_forward_with_mhc_and_hash_routing(kind, constrained):
+    model = build(model_cfg(kind, hc_cfg(constrained=constrained), hash_layers=2))
+    assert [type(b.ffn.gate).__name__ for b in model.blocks] == ["HashGate", "HashGate", "Gate"]
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.new_caches(2, 12)
+        steps = [model.forward_cached(ids[:, :3], caches, 0)]
+        steps += [model.forward_cached(ids[:, i:i + 1], caches, i) for i in range(3, 12)]
+    assert float(full.abs().max()) > 1.0
+    # fp32 round-off only (batched vs one-row matmuls)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=5e-5, rtol=5e-5)
+
+
+def test_composite_gain_statistics():
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    for constrained in (True, False):
+        model = build(model_cfg(hc=hc_cfg(constrained=constrained)))
+        ctx = ForwardContext(positions=torch.arange(9), step=0)
+        with torch.no_grad():
+            model(ids, ctx)
+            # the product of the sites' matrices, recomputed here
+            ref_ctx = ForwardContext(positions=torch.arange(9), input_ids=ids)
+            x = expand_streams(model.tok_emb(ids), N)
+            prod = torch.eye(N).expand(2, 9, N, N)
+            for blk in model.blocks:
+                for site, norm, f in sublayers(blk, ref_ctx):
+                    h, mix = site.read(x)
+                    x = site.write(x, f(norm(h)), mix)
+                    prod = prod @ mix[1]
+        stats = ctx.mean_stats()
+        fwd = float(prod.abs().sum(-2).amax())
+        assert stats["hc/fwd_gain"] == pytest.approx(fwd, rel=1e-5)
+        assert stats["hc/bwd_gain"] == pytest.approx(float(prod.abs().sum(-1).amax()), rel=1e-5)
+        if constrained:  # doubly stochastic matrices multiply to one: gain 1 (the rows of
+            # these deliberately wide random sites converge to ~1e-3 in 20 Sinkhorn rounds)
+            assert abs(fwd - 1) < 1e-4 and abs(stats["hc/bwd_gain"] - 1) < 1e-2
+        else:
+            assert abs(fwd - 1) > 0.1
+    plain = ForwardContext(positions=torch.arange(9))
+    with torch.no_grad():
+        model(ids, plain)  # inference: nothing tracked
+    assert plain.stats == {}
+
+
+def test_engram_with_hc_is_refused():
+    cfg = model_cfg()
+    cfg.engram.enabled = True
+    with pytest.raises(ConfigError, match=r"^model.hc.enabled=True is not allowed: "):
+        cfg.validate()
+
+
+# ---- one whole DeepSeek-V4 decoder layer, attention replaced by the same stand-in -------------
+class CausalMean(torch.nn.Module):
+    """Stand-in attention for both models: a linear map of the running mean over time."""
+
+    def __init__(self, lin: torch.nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor, ctx=None, cache=None, **kwargs):
+        mean = x.cumsum(1) / torch.arange(1, x.shape[1] + 1).view(1, -1, 1)
+        return self.lin(mean) if not kwargs else (self.lin(mean), None)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("layer", [0, 1])  # 0: hash-routed MoE, 1: learned routing
+def test_block_matches_transformers_decoder_layer_with_stub_attention(layer):
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4DecoderLayer
+
+    model = build(model_cfg(hash_layers=1, n_layers=2))
+    blk = model.blocks[layer]
+    with torch.no_grad():
+        blk.attn_norm.weight.normal_(1.0, 0.3)
+        blk.ffn_norm.weight.normal_(1.0, 0.3)
+        blk.ffn.gate.proj.weight.normal_(std=0.5)
+        if layer == 1:
+            blk.ffn.gate.bias.normal_(std=0.1)
+    cfg = v4_config(num_hidden_layers=2, vocab_size=50, moe_intermediate_size=8,
+                    n_routed_experts=4, num_experts_per_tok=2, scoring_func="sqrtsoftplus",
+                    routed_scaling_factor=1.5, swiglu_limit=1.0,
+                    mlp_layer_types=["hash_moe", "moe"])
+    ref = DeepseekV4DecoderLayer(cfg, layer)
+    lin = torch.nn.Linear(DIM, DIM, bias=False)
+    blk.attn, ref.self_attn = CausalMean(lin), CausalMean(lin)
+    moe = blk.ffn
+    with torch.no_grad():
+        ref.input_layernorm.weight.copy_(blk.attn_norm.weight)
+        ref.post_attention_layernorm.weight.copy_(blk.ffn_norm.weight)
+        for mine, theirs in ((blk.attn_hc, ref.attn_hc), (blk.ffn_hc, ref.ffn_hc)):
+            theirs.fn.copy_(mine.weight), theirs.base.copy_(mine.bias), theirs.scale.copy_(mine.scale)
+        ref.mlp.gate.weight.copy_(moe.gate.proj.weight)
+        if layer == 0:
+            ref.mlp.gate.tid2eid.copy_(moe.gate.tid2eid)
+        else:
+            ref.mlp.gate.e_score_correction_bias.copy_(moe.gate.bias)
+        ref.mlp.experts.gate_up_proj.copy_(torch.cat([moe.experts.w1.transpose(1, 2),
+                                                      moe.experts.w3.transpose(1, 2)], dim=1))
+        ref.mlp.experts.down_proj.copy_(moe.experts.w2.transpose(1, 2))
+        ref.mlp.shared_experts.gate_proj.weight.copy_(moe.shared.w1.weight)
+        ref.mlp.shared_experts.up_proj.weight.copy_(moe.shared.w3.weight)
+        ref.mlp.shared_experts.down_proj.weight.copy_(moe.shared.w2.weight)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(5))
+    x = streams(t=9, seed=6) * 2
+    with torch.no_grad():
+        ours = blk(x, ForwardContext(positions=torch.arange(9), input_ids=ids))
+        theirs = ref(x, input_ids=ids, position_embeddings=None)
+    diff = float((ours - theirs).abs().max())
+    print(f"decoder layer {layer}: max abs diff {diff:.2e}, max |out| {float(theirs.abs().max()):.1f}")
+    assert float(theirs.abs().max()) > 1.0
+    assert diff < 1e-5 * float(theirs.abs().max())  # fp32 round-off of O(10) outputs
