@@ -204,6 +204,70 @@ def test_gate_value_conv_match_naive_loop(gate):
     assert 0 <= stats["engram/bucket_collision_rate"] <= 1
 
 
+def naive_engram_streams(eng: Engram, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The multi-stream layer position by position and stream by stream: own key slice and
+    gains per stream, shared value, per-stream conv norm, conv over all n*dim channels."""
+    b, t, n, d = x.shape
+    eps = eng.norm_h.eps
+    wk, wv, table = eng.w_k.weight, eng.w_v.weight, eng.table.weight
+    gh, gk, gc = eng.norm_h.weight, eng.norm_k.weight, eng.norm_conv.weight
+    part = lambda w, i: w[i * d:(i + 1) * d]  # noqa: E731
+    u = torch.zeros(b, t, n, d, dtype=torch.float64)
+    for bi in range(b):
+        for ti in range(t):
+            e = torch.cat([table[r] for r in naive_rows(eng, ids[bi].tolist(), ti)])
+            v = wv @ e
+            for i in range(n):
+                k = part(wk, i) @ e
+                s = (rms(x[bi, ti, i], part(gh, i), eps) * rms(k, part(gk, i), eps)).sum()
+                u[bi, ti, i] = naive_gate(float(s) / math.sqrt(d), True) * v
+    y = torch.zeros_like(u)
+    w = eng.conv.weight[:, 0, :]  # [n*dim, K]
+    kk, dil = eng.kernel_size, eng.dilation
+    for bi in range(b):
+        for i in range(n):
+            z = torch.stack([rms(u[bi, ti, i], part(gc, i), eps) for ti in range(t)])
+            for ti in range(t):
+                acc = torch.zeros(d, dtype=torch.float64)
+                for j in range(kk):
+                    src = ti - (kk - 1 - j) * dil
+                    if src >= 0:
+                        acc += part(w, i)[:, j] * z[src]
+                y[bi, ti, i] = u[bi, ti, i] + acc * torch.sigmoid(acc)
+    return y
+
+
+def test_streams_gate_each_stream_separately_match_naive_loop():
+    torch.manual_seed(0)
+    eng = Engram(12, ecfg(ngram_orders=[2, 3]), 0, 97, n_streams=3).double()
+    assert eng.w_k.weight.shape == (36, eng.n_tables * 4) and eng.conv.weight.shape[0] == 36
+    randomize(eng)
+    x = torch.randn(2, 7, 3, 12, dtype=torch.float64)
+    ids = torch.randint(0, 97, (2, 7))
+    ctx = ForwardContext(positions=torch.arange(7), input_ids=ids, step=0)
+    with torch.no_grad():
+        y = eng(x, ctx)
+        ref = naive_engram_streams(eng, x, ids)
+        alpha = eng.gate(x, eng.w_k(eng.embed(ctx, 7, x.device)[2]).unflatten(-1, (3, 12)))
+    # RMSNorm and the gate compute in fp32, hence fp32-level agreement
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert float((alpha[:, :, 0] - alpha[:, :, 1]).abs().max()) > 0.05  # gates differ per stream
+    with pytest.raises(ValueError, match="streams"):
+        eng(x[:, :, :2], ctx)
+
+
+def test_one_stream_layer_on_streams_equals_the_plain_layer():
+    torch.manual_seed(0)
+    eng = Engram(12, ecfg(), 0, 97)
+    randomize(eng)
+    x = torch.randn(2, 9, 12)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        plain = eng(x, ForwardContext(positions=torch.arange(9), input_ids=ids))
+        streams = eng(x.unsqueeze(2), ForwardContext(positions=torch.arange(9), input_ids=ids))
+    torch.testing.assert_close(streams[:, :, 0], plain, rtol=1e-5, atol=1e-6)
+
+
 @torch.no_grad()
 def test_signed_sqrt_gate_matches_per_position_loop():
     """The gate alone, position by position, over scores from ~1e-8 to ~1 of both signs."""

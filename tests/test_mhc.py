@@ -11,7 +11,7 @@ import torch
 
 from v4lab.errors import ConfigError
 from v4lab.model import ModelConfig, Transformer
-from v4lab.modules.args import AttentionConfig, KVCacheConfig, MoEConfig
+from v4lab.modules.args import AttentionConfig, EngramConfig, KVCacheConfig, MoEConfig
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.mhc import HyperConnection, HyperConnectionConfig, HyperHead, expand_streams, sinkhorn
 
@@ -397,11 +397,30 @@ def test_composite_gain_statistics():
     assert plain.stats == {}
 
 
-def test_engram_with_hc_is_refused():
-    cfg = model_cfg()
-    cfg.engram.enabled = True
-    with pytest.raises(ConfigError, match=r"^model.hc.enabled=True is not allowed: "):
-        cfg.validate()
+def test_decode_equals_full_forward_with_mhc_engram_and_hash_routing():
+    cfg = model_cfg(hash_layers=2)
+    cfg.engram = EngramConfig(enabled=True, layers=[0, 2], ngram_orders=[2, 3], heads_per_order=2,
+                              table_size=31, head_dim=4, kernel_size=3)
+    model = build(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:  # non-zero conv and value weights: the memory matters
+            if blk.engram is not None:
+                assert blk.engram.n_streams == N
+                blk.engram.conv.weight.normal_(std=0.5)
+                blk.engram.w_v.weight.normal_(std=0.5)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(ids)
+        caches = model.new_caches(2, 12)
+        steps = [model.forward_cached(ids[:, :3], caches, 0, history=ids[:, :3])]
+        steps += [model.forward_cached(ids[:, i:i + 1], caches, i, history=ids[:, :i + 1])
+                  for i in range(3, 12)]
+        for blk in model.blocks:
+            if blk.engram is not None:
+                torch.nn.init.zeros_(blk.engram.w_v.weight)
+        without_memory = model(ids)
+    assert float((full - without_memory).abs().max()) > 0.1
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=5e-5, rtol=5e-5)
 
 
 # ---- one whole DeepSeek-V4 decoder layer, attention replaced by the same stand-in -------------

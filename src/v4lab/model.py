@@ -58,9 +58,6 @@ class ModelConfig:
         self.moe.validate(f"{path}.moe", self.n_layers)
         self.engram.validate(f"{path}.engram", self.n_layers)
         self.hc.validate(f"{path}.hc")
-        require(not (self.hc.enabled and self.engram.enabled), f"{path}.hc.enabled",
-                self.hc.enabled, "false while model.engram.enabled (Engram on several "
-                "residual streams is not built yet)")
         return self
 
 
@@ -95,7 +92,9 @@ class Block(nn.Module):
         if cfg.engram.enabled and layer_idx in cfg.engram.layers:
             from v4lab.modules.engram import Engram
 
-            self.engram = Engram(cfg.dim, cfg.engram, layer_idx, cfg.vocab_size, cfg.norm_eps)
+            streams = cfg.hc.n_streams if cfg.hc.enabled else 1  # a gate per stream
+            self.engram = Engram(cfg.dim, cfg.engram, layer_idx, cfg.vocab_size, cfg.norm_eps,
+                                 streams)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = build_attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -117,7 +116,11 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x), ctx)
 
     def _forward_streams(self, x: torch.Tensor, ctx: ForwardContext, cache: dict) -> torch.Tensor:
-        """Hyper-connected block: x [B, T, n, dim] -> [B, T, n, dim]."""
+        """Hyper-connected block: x [B, T, n, dim] -> [B, T, n, dim]. Engram adds its delta
+        to every stream directly (as the Engram paper's demo), attention and FFN go through
+        their sites."""
+        if self.engram is not None:
+            x = x + self.engram(x, ctx, cache.get("engram"))
         h, mix = self.attn_hc.read(x)
         x = self.attn_hc.write(x, self.attn(self.attn_norm(h), ctx, cache.get("attn")), mix)
         ctx.track_hc(mix[1])
