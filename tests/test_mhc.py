@@ -122,17 +122,24 @@ def test_site_matches_transformers_hyper_connection(iters):
         ref.scale.copy_(ours.scale)
     x = streams()
     y = torch.randn(2, 5, DIM)
-    with torch.no_grad():
-        post_r, comb_r, collapsed_r = ref(x)
-        h, (post, comb) = ours.read(x)
-        out = ours.write(x, y, (post, comb))
-        # the decoder layer's update, written as in DeepseekV4DecoderLayer.forward
-        out_r = post_r.unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb_r.transpose(-1, -2), x)
+    post_r, comb_r, collapsed_r = ref(x)
+    h, (post, comb) = ours.read(x)
+    out = ours.write(x, y * h, (post, comb))  # y * h: the sublayer output depends on h
+    # the decoder layer's update, written as in DeepseekV4DecoderLayer.forward
+    out_r = (post_r.unsqueeze(-1) * (y * collapsed_r).unsqueeze(-2)
+             + torch.matmul(comb_r.transpose(-1, -2), x))
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (out_r * g).sum().backward()
     # same operations in the same order; fp32 sums of <= 64 terms: round-off ~1e-6
     for a, b in ((post, post_r), (comb, comb_r), (h, collapsed_r), (out, out_r)):
-        assert float((a - b).abs().max()) < 1e-5
-    assert float((comb - 1 / N).abs().max()) > 0.05  # far from the uniform init matrix
-    assert float(h.abs().max()) > 1.0
+        assert float((a - b).detach().abs().max()) < 1e-5
+    # gradients through the projection and the Sinkhorn rounds (values of order 1-100)
+    for mine, theirs in ((ours.weight, ref.fn), (ours.bias, ref.base), (ours.scale, ref.scale)):
+        assert float((mine.grad - theirs.grad).abs().max()) < 1e-5 * float(theirs.grad.abs().max())
+    assert float((comb - 1 / N).detach().abs().max()) > 0.05  # far from the uniform init
+    assert float(ref.scale.grad.abs().min()) > 0
+    assert float(h.detach().abs().max()) > 1.0
 
 
 @pytest.mark.peer
@@ -364,6 +371,32 @@ def test_token_by_token_decode_equals_full_forward_with_mhc_and_hash_routing(kin
     assert float(full.abs().max()) > 1.0
     # fp32 round-off only (batched vs one-row matmuls)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=5e-5, rtol=5e-5)
+
+
+def test_a_few_training_steps_with_mhc_hash_routing_and_engram():
+    cfg = model_cfg(hash_layers=1)
+    cfg.engram = EngramConfig(enabled=True, layers=[1], ngram_orders=[2], heads_per_order=2,
+                              table_size=31, head_dim=4, kernel_size=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=3e-3)
+    ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(8))
+    losses = []
+    for step in range(30):
+        ctx = ForwardContext(positions=torch.arange(15), step=step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1], ctx)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 50), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        assert model.blocks[0].attn_hc.weight.grad.abs().sum() > 0
+        opt.step()
+        model.on_train_step_end()
+        losses.append(loss.item())
+    stats = ctx.mean_stats()
+    assert {"hc/fwd_gain", "hc/bwd_gain", "engram/gate_mean", "moe/load_cv"} <= set(stats)
+    assert losses[-1] < 0.8 * losses[0]  # it learns the repeated batch
 
 
 def test_composite_gain_statistics():
