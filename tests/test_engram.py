@@ -150,6 +150,13 @@ def rms(v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return v / torch.sqrt((v * v).mean() + eps) * w
 
 
+def naive_gate(score: float, signed_sqrt: bool) -> float:
+    """The gate of one position from its scaled dot product (Engram demo: signed sqrt)."""
+    if signed_sqrt:
+        score = math.copysign(math.sqrt(max(abs(score), 1e-6)), score) if score != 0 else 0.0
+    return 1 / (1 + math.exp(-score))
+
+
 def naive_engram(eng: Engram, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     b, t, d = x.shape
     eps = eng.norm_h.eps
@@ -161,7 +168,7 @@ def naive_engram(eng: Engram, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch
             e = torch.cat([table[r] for r in naive_rows(eng, ids[bi].tolist(), ti)])
             k, v = wk @ e, wv @ e
             s = (rms(x[bi, ti], eng.norm_h.weight, eps) * rms(k, eng.norm_k.weight, eps)).sum()
-            a = 1 / (1 + math.exp(-float(s) / math.sqrt(d)))
+            a = naive_gate(float(s) / math.sqrt(d), eng.signed_sqrt_gate)
             alphas.append(a)
             u[bi, ti] = a * v
     y = torch.zeros_like(u)
@@ -179,9 +186,10 @@ def naive_engram(eng: Engram, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch
     return y, sum(alphas) / len(alphas)
 
 
-def test_gate_value_conv_match_naive_loop():
+@pytest.mark.parametrize("gate", ["signed_sqrt", "plain"])
+def test_gate_value_conv_match_naive_loop(gate):
     torch.manual_seed(0)
-    eng = Engram(12, ecfg(ngram_orders=[2, 3]), 0, 97).double()
+    eng = Engram(12, ecfg(ngram_orders=[2, 3], gate=gate), 0, 97).double()
     randomize(eng)
     x = torch.randn(2, 9, 12, dtype=torch.float64)
     ids = torch.randint(0, 97, (2, 9))
@@ -194,6 +202,112 @@ def test_gate_value_conv_match_naive_loop():
     stats = ctx.mean_stats()
     assert stats["engram/gate_mean"] == pytest.approx(gate_mean, rel=1e-6)
     assert 0 <= stats["engram/bucket_collision_rate"] <= 1
+
+
+def naive_engram_streams(eng: Engram, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The multi-stream layer position by position and stream by stream: own key slice and
+    gains per stream, shared value, per-stream conv norm, conv over all n*dim channels."""
+    b, t, n, d = x.shape
+    eps = eng.norm_h.eps
+    wk, wv, table = eng.w_k.weight, eng.w_v.weight, eng.table.weight
+    gh, gk, gc = eng.norm_h.weight, eng.norm_k.weight, eng.norm_conv.weight
+    part = lambda w, i: w[i * d:(i + 1) * d]  # noqa: E731
+    u = torch.zeros(b, t, n, d, dtype=torch.float64)
+    for bi in range(b):
+        for ti in range(t):
+            e = torch.cat([table[r] for r in naive_rows(eng, ids[bi].tolist(), ti)])
+            v = wv @ e
+            for i in range(n):
+                k = part(wk, i) @ e
+                s = (rms(x[bi, ti, i], part(gh, i), eps) * rms(k, part(gk, i), eps)).sum()
+                u[bi, ti, i] = naive_gate(float(s) / math.sqrt(d), True) * v
+    y = torch.zeros_like(u)
+    w = eng.conv.weight[:, 0, :]  # [n*dim, K]
+    kk, dil = eng.kernel_size, eng.dilation
+    for bi in range(b):
+        for i in range(n):
+            z = torch.stack([rms(u[bi, ti, i], part(gc, i), eps) for ti in range(t)])
+            for ti in range(t):
+                acc = torch.zeros(d, dtype=torch.float64)
+                for j in range(kk):
+                    src = ti - (kk - 1 - j) * dil
+                    if src >= 0:
+                        acc += part(w, i)[:, j] * z[src]
+                y[bi, ti, i] = u[bi, ti, i] + acc * torch.sigmoid(acc)
+    return y
+
+
+def test_streams_gate_each_stream_separately_match_naive_loop():
+    torch.manual_seed(0)
+    eng = Engram(12, ecfg(ngram_orders=[2, 3]), 0, 97, n_streams=3).double()
+    assert eng.w_k.weight.shape == (36, eng.n_tables * 4) and eng.conv.weight.shape[0] == 36
+    randomize(eng)
+    x = torch.randn(2, 7, 3, 12, dtype=torch.float64)
+    ids = torch.randint(0, 97, (2, 7))
+    ctx = ForwardContext(positions=torch.arange(7), input_ids=ids, step=0)
+    with torch.no_grad():
+        y = eng(x, ctx)
+        ref = naive_engram_streams(eng, x, ids)
+        alpha = eng.gate(x, eng.w_k(eng.embed(ctx, 7, x.device)[2]).unflatten(-1, (3, 12)))
+    # RMSNorm and the gate compute in fp32, hence fp32-level agreement
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert float((alpha[:, :, 0] - alpha[:, :, 1]).abs().max()) > 0.05  # gates differ per stream
+    with pytest.raises(ValueError, match="streams"):
+        eng(x[:, :, :2], ctx)
+
+
+def test_one_stream_layer_on_streams_equals_the_plain_layer():
+    torch.manual_seed(0)
+    eng = Engram(12, ecfg(), 0, 97)
+    randomize(eng)
+    x = torch.randn(2, 9, 12)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        plain = eng(x, ForwardContext(positions=torch.arange(9), input_ids=ids))
+        streams = eng(x.unsqueeze(2), ForwardContext(positions=torch.arange(9), input_ids=ids))
+    torch.testing.assert_close(streams[:, :, 0], plain, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_signed_sqrt_gate_matches_per_position_loop():
+    """The gate alone, position by position, over scores from ~1e-8 to ~1 of both signs."""
+    torch.manual_seed(0)
+    eng = Engram(12, ecfg(), 0, 97)
+    randomize(eng)
+    k = torch.randn(3, 40, 12)
+    v = k * eng.norm_h.weight * eng.norm_k.weight  # the score is linear in h along v
+    v = v / v.norm(dim=-1, keepdim=True)
+    h0 = torch.randn(3, 40, 12)
+    size = torch.logspace(-7, 1, 40).view(1, 40, 1) * torch.sign(torch.randn(3, 40, 1))
+    h = h0 - (h0 * v).sum(-1, keepdim=True) * v + size * v
+    alpha = eng.gate(h, k)
+    plain = Engram(12, ecfg(gate="plain"), 0, 97)
+    plain.load_state_dict(eng.state_dict())
+    alpha_plain = plain.gate(h, k)
+    score32 = eng.gate_score(h, k)
+    worst_score = worst_transform = worst_gate = 0.0
+    scores = []
+    for b in range(3):
+        for t in range(40):
+            hn = rms(h[b, t].double(), eng.norm_h.weight.double(), eng.norm_h.eps)
+            kn = rms(k[b, t].double(), eng.norm_k.weight.double(), eng.norm_k.eps)
+            score = float((hn * kn).sum()) / math.sqrt(12)
+            scores.append(abs(score))
+            worst_score = max(worst_score, abs(float(score32[b, t, 0]) - score))
+            # the transform, on the module's own fp32 score
+            worst_transform = max(worst_transform, abs(float(alpha[b, t, 0])
+                                                       - naive_gate(float(score32[b, t, 0]), True)))
+            # end to end where the square root's slope (1 / (2 sqrt|g|) <= 16) keeps the
+            # fp32 round-off of g (~1e-7) small; near 0 that round-off can flip the sign of
+            # g, and the gate moves by up to 2 * 0.25 * sqrt(1e-6) = 5e-4 (in the demo too)
+            if abs(score) > 1e-3:
+                worst_gate = max(worst_gate, abs(float(alpha[b, t, 0]) - naive_gate(score, True)))
+            assert float(alpha_plain[b, t, 0]) == pytest.approx(naive_gate(score, False), abs=1e-6)
+    assert min(scores) < 1e-6 and max(scores) > 0.3  # both sides of the 1e-6 floor covered
+    print(f"score {worst_score:.1e}, transform {worst_transform:.1e}, gate {worst_gate:.1e}")
+    assert worst_score < 1e-6 and worst_transform < 1e-6 and worst_gate < 1e-6
+    assert float((alpha - alpha_plain).abs().max()) > 0.05  # the two gates differ
+    assert float(eng.gate(torch.zeros(1, 1, 12), k[:1, :1])) == 0.5  # g = 0 stays 0
 
 
 def test_no_stats_at_inference():
@@ -316,6 +430,7 @@ def test_canonical_ids_shared_tokens_hash_alike():
     (dict(layers=[0, 2]), "model.engram.layers=[0, 2]"),
     (dict(layers=[-1]), "model.engram.layers=[-1]"),
     (dict(table_size=3, heads_per_order=4), "model.engram.table_size=3"),
+    (dict(gate="sqrt"), "model.engram.gate='sqrt'"),
 ])
 def test_bad_config_fails_before_training(kw, key):
     with pytest.raises(ConfigError) as err:

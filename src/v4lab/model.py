@@ -10,6 +10,7 @@ switch here:
     attention.kv_cache  fp32 | bf16 | fp8 | int8 storage
     moe.enabled         DeepSeekMoE          (modules/moe.py)
     engram.enabled      Engram memory        (modules/engram.py)
+    hc.enabled          hyper-connections    (modules/mhc.py): n residual streams
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from v4lab.errors import require, require_positive
-from v4lab.modules.args import AttentionConfig, EngramConfig, MoEConfig
+from v4lab.modules.args import AttentionConfig, EngramConfig, HyperConnectionConfig, MoEConfig
 from v4lab.modules.attention import MultiHeadAttention
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.ffn import SwiGLU
@@ -45,6 +46,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
+    hc: HyperConnectionConfig = field(default_factory=HyperConnectionConfig)
 
     def validate(self, path: str = "model") -> ModelConfig:
         for key in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
@@ -55,6 +57,7 @@ class ModelConfig:
         self.attention.validate(f"{path}.attention", self.dim)
         self.moe.validate(f"{path}.moe", self.n_layers)
         self.engram.validate(f"{path}.engram", self.n_layers)
+        self.hc.validate(f"{path}.hc")
         return self
 
 
@@ -70,14 +73,16 @@ def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if cfg.moe.enabled and layer_idx >= cfg.moe.first_dense_layers:
         from v4lab.modules.moe import MoE
 
-        return MoE(cfg.dim, cfg.moe)
+        return MoE(cfg.dim, cfg.moe, layer_idx, cfg.vocab_size)
     return SwiGLU(cfg.dim, cfg.ffn_dim)
 
 
 class Block(nn.Module):
     """One pre-norm decoder block: [Engram] -> attention -> FFN/MoE, each residual.
 
-    x: [B, T, dim] -> [B, T, dim].
+    x: [B, T, dim] -> [B, T, dim]; with hyper-connections (cfg.hc.enabled) the residual is
+    the streams x [B, T, n, dim], and attention and FFN each sit behind a site of their own
+    (read the sublayer input from the streams, write its output back, mix the streams).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -87,18 +92,42 @@ class Block(nn.Module):
         if cfg.engram.enabled and layer_idx in cfg.engram.layers:
             from v4lab.modules.engram import Engram
 
-            self.engram = Engram(cfg.dim, cfg.engram, layer_idx, cfg.vocab_size, cfg.norm_eps)
+            streams = cfg.hc.n_streams if cfg.hc.enabled else 1  # a gate per stream
+            self.engram = Engram(cfg.dim, cfg.engram, layer_idx, cfg.vocab_size, cfg.norm_eps,
+                                 streams)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = build_attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer_idx)
+        self.attn_hc = self.ffn_hc = None
+        if cfg.hc.enabled:
+            from v4lab.modules.mhc import HyperConnection
+
+            self.attn_hc = HyperConnection(cfg.dim, cfg.hc, cfg.norm_eps)
+            self.ffn_hc = HyperConnection(cfg.dim, cfg.hc, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         cache = ctx.caches[self.layer_idx] if ctx.caches is not None else {}
+        if self.attn_hc is not None:
+            return self._forward_streams(x, ctx, cache)
         if self.engram is not None:
             x = x + self.engram(x, ctx, cache.get("engram"))
         x = x + self.attn(self.attn_norm(x), ctx, cache.get("attn"))
         return x + self.ffn(self.ffn_norm(x), ctx)
+
+    def _forward_streams(self, x: torch.Tensor, ctx: ForwardContext, cache: dict) -> torch.Tensor:
+        """Hyper-connected block: x [B, T, n, dim] -> [B, T, n, dim]. Engram adds its delta
+        to every stream directly (as the Engram paper's demo), attention and FFN go through
+        their sites."""
+        if self.engram is not None:
+            x = x + self.engram(x, ctx, cache.get("engram"))
+        h, mix = self.attn_hc.read(x)
+        x = self.attn_hc.write(x, self.attn(self.attn_norm(h), ctx, cache.get("attn")), mix)
+        ctx.track_hc(mix[1])
+        h, mix = self.ffn_hc.read(x)
+        x = self.ffn_hc.write(x, self.ffn(self.ffn_norm(h), ctx), mix)
+        ctx.track_hc(mix[1])
+        return x
 
 
 class Transformer(nn.Module):
@@ -113,6 +142,11 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hc_head = None
+        if cfg.hc.enabled:
+            from v4lab.modules.mhc import HyperHead
+
+            self.hc_head = HyperHead(cfg.dim, cfg.hc, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2 style: scale the residual output projections by 1/sqrt(2 * n_layers).
@@ -143,8 +177,17 @@ class Transformer(nn.Module):
             if block.engram is not None:
                 block.engram.prefetch(ctx)
         x = self.tok_emb(input_ids)
+        if self.hc_head is not None:  # the embedding copied into every residual stream
+            from v4lab.modules.mhc import expand_streams
+
+            x = expand_streams(x, self.cfg.hc.n_streams)
+            ctx.hc_product = None
+            ctx.hc_track = ctx.step is not None or self.training
         for block in self.blocks:
             x = block(x, ctx)
+        if self.hc_head is not None:
+            x = self.hc_head(x)
+            ctx.report_hc()
         return self.lm_head(self.norm(x))
 
     def set_canonical_ids(self, ids: torch.Tensor) -> None:

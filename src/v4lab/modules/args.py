@@ -15,6 +15,7 @@ KV_DTYPES = ("fp32", "bf16", "fp8", "int8")
 KV_SCALE_FORMATS = ("fp32", "ue8m0")
 ATTENTION_KINDS = ("mha", "mla")
 MOE_SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
+ENGRAM_GATES = ("signed_sqrt", "plain")
 
 
 @dataclass
@@ -136,6 +137,11 @@ class MoEConfig:
       score is the sum of its top-2 biased scores; only the topk_groups best groups stay
       eligible for the top-k selection.
     Shared experts form one SwiGLU of width n_shared_experts * expert_dim (V3 convention).
+    hash_layers: the first ``hash_layers`` MoE layers route by a frozen token-id -> experts
+      table (DeepSeek-V4's hash routing), generated from ``hash_seed`` and the layer index;
+      their gate weights still come from the learned scores (no bias).
+    swiglu_limit: > 0 clamps every expert's SwiGLU (routed and shared) as DeepSeek-V4 does
+      (10 there): up projection to [-limit, limit], gate projection to <= limit. 0 = off.
     """
 
     enabled: bool = False
@@ -150,6 +156,14 @@ class MoEConfig:
     aux_loss_alpha: float = 0.0
     n_groups: int = 1
     topk_groups: int = 1
+    hash_layers: int = 0
+    hash_seed: int = 0
+    swiglu_limit: float = 0.0
+
+    def is_hash_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` is one of the first ``hash_layers`` MoE layers."""
+        first = self.first_dense_layers
+        return self.enabled and first <= layer_idx < first + self.hash_layers
 
     def validate(self, path: str, n_layers: int) -> None:
         require_choice(f"{path}.score_func", self.score_func, MOE_SCORE_FUNCS)
@@ -173,6 +187,14 @@ class MoEConfig:
                 f"a divisor of n_routed_experts={self.n_routed_experts}")
         require(1 <= self.topk_groups <= self.n_groups, f"{path}.topk_groups",
                 self.topk_groups, f"an integer in [1, n_groups={self.n_groups}]")
+        n_moe = n_layers - self.first_dense_layers
+        require(isinstance(self.hash_layers, int) and 0 <= self.hash_layers <= n_moe,
+                f"{path}.hash_layers", self.hash_layers,
+                f"an integer in [0, {n_moe}] (the MoE layers: model.n_layers={n_layers} - "
+                f"first_dense_layers={self.first_dense_layers})")
+        require(isinstance(self.hash_seed, int), f"{path}.hash_seed", self.hash_seed, "an integer")
+        require(self.swiglu_limit >= 0, f"{path}.swiglu_limit", self.swiglu_limit,
+                ">= 0 (0 = no clamp)")
         eligible = self.topk_groups * (self.n_routed_experts // self.n_groups)
         require(self.top_k <= eligible, f"{path}.top_k", self.top_k,
                 f"<= topk_groups * n_routed_experts / n_groups = {eligible} (experts in the "
@@ -190,6 +212,8 @@ class EngramConfig:
     kernel_size: depthwise causal convolution kernel (dilation = max order).
     lr_multiplier: learning-rate multiplier of the table's optimizer group (no weight decay).
     host_memory: keep the table in host memory, indices computed before the layer runs.
+    gate: signed_sqrt = sigmoid(sign(g) sqrt|g|) of the scaled dot product g, as the Engram
+      paper's demo; plain = sigmoid(g), the lab's earlier gate, kept for comparison.
     """
 
     enabled: bool = False
@@ -201,8 +225,10 @@ class EngramConfig:
     kernel_size: int = 4
     lr_multiplier: float = 5.0
     host_memory: bool = False
+    gate: str = "signed_sqrt"
 
     def validate(self, path: str, n_layers: int) -> None:
+        require_choice(f"{path}.gate", self.gate, ENGRAM_GATES)
         if not self.enabled:
             return
         require(len(self.layers) > 0, f"{path}.layers", self.layers, "a non-empty list")
@@ -220,3 +246,30 @@ class EngramConfig:
         require_positive(f"{path}.head_dim", self.head_dim)
         require_positive(f"{path}.kernel_size", self.kernel_size)
         require(self.lr_multiplier > 0, f"{path}.lr_multiplier", self.lr_multiplier, "> 0")
+
+
+@dataclass
+class HyperConnectionConfig:
+    """Hyper-connections: the residual is ``n_streams`` parallel streams (modules/mhc.py).
+
+    enabled: false = the plain residual (one stream, x + f(x)).
+    n_streams: residual streams (4 in DeepSeek-V4); the embedding is copied into all.
+    sinkhorn_iters: Sinkhorn normalisation rounds making the residual-mixing matrix doubly
+      stochastic (20 in V4).
+    eps: added to the pre weights and to every Sinkhorn denominator (V4's hc_eps).
+    constrained: true = manifold-constrained (mHC, Sinkhorn); false = unconstrained
+      hyper-connections: the mixing matrix is identity + the learned map, no Sinkhorn.
+    """
+
+    enabled: bool = False
+    n_streams: int = 4
+    sinkhorn_iters: int = 20
+    eps: float = 1e-6
+    constrained: bool = True
+
+    def validate(self, path: str) -> None:
+        require(isinstance(self.n_streams, int) and self.n_streams >= 1, f"{path}.n_streams",
+                self.n_streams, "an integer >= 1")
+        require(isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1,
+                f"{path}.sinkhorn_iters", self.sinkhorn_iters, "an integer >= 1")
+        require(self.eps >= 0, f"{path}.eps", self.eps, ">= 0")

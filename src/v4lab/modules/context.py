@@ -33,6 +33,9 @@ class ForwardContext:
       the trainer reduces them once, when it logs (e.g. ``sparse/recall``).
     prefetched: work a piece did ahead of the blocks for this forward, keyed by module
       (Engram's table indices / host-memory rows, computed before any layer runs).
+    hc_track / hc_product: with hyper-connections, whether to track (training and
+      validation) and the running product H_1 H_2 ... of the residual-mixing matrices of
+      the sites run so far, [B, T, n, n] (no gradient).
     """
 
     positions: torch.Tensor
@@ -43,6 +46,8 @@ class ForwardContext:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     prefetched: dict[str, Any] = field(default_factory=dict)
+    hc_track: bool = False
+    hc_product: torch.Tensor | None = None
     _rope: dict = field(default_factory=dict, repr=False)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
@@ -55,6 +60,26 @@ class ForwardContext:
         v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
         total, count = self.stats.get(name, (0.0, 0))
         self.stats[name] = (total + v, count + 1)
+
+    @torch.no_grad()
+    def track_hc(self, res: torch.Tensor) -> None:
+        """Multiply one site's residual-mixing matrices [B, T, n, n] into ``hc_product``."""
+        if self.hc_track:
+            res = res.detach().float()
+            self.hc_product = res if self.hc_product is None else self.hc_product @ res
+
+    def report_hc(self) -> None:
+        """Log the gain of the composite residual map across depth: the streams leave the
+        last site as (H_1 ... H_L)^T X_0 plus the sublayer outputs. ``hc/fwd_gain`` is the
+        largest absolute row sum of that map (how much a forward signal can grow),
+        ``hc/bwd_gain`` the largest absolute column sum (the same for gradients), both the
+        maximum over tokens; 1 for doubly stochastic H (mHC), free without the constraint."""
+        if self.hc_product is None:
+            return
+        p = self.hc_product.abs()
+        self.add_stat("hc/fwd_gain", p.sum(dim=-2).amax())  # rows of P^T
+        self.add_stat("hc/bwd_gain", p.sum(dim=-1).amax())
+        self.hc_product = None
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, dim/2] for ``positions``, computed once per (dim, theta) and shared."""

@@ -6,11 +6,25 @@ For every position t, every N-gram order n in ``cfg.ngram_orders`` and every one
 all J = len(orders) * heads sub-tables are concatenated into e_t [J * head_dim]. Then
 
     k_t     = W_K e_t,  v_t = W_V e_t                                  [dim]
-    alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(k_t)> / sqrt(dim))         (context-aware gate)
+    g_t     = <RMSNorm(h_t), RMSNorm(k_t)> / sqrt(dim)
+    alpha_t = sigmoid(sign(g_t) sqrt(max(|g_t|, 1e-6)))                 (context-aware gate)
     u_t     = alpha_t * v_t
     y_t     = u_t + SiLU(DepthwiseCausalConv(RMSNorm(u))_t)            (kernel K, dilation max n)
 
 and y joins the residual stream before the block's attention (``Block`` adds it to h).
+
+The gate's signed square root is the paper's official demo's: it compresses large scores
+(the gate saturates less) and amplifies small ones (the floor 1e-6 inside the root
+bounds its gradient; |g| below it maps to +-1e-3, g = 0 to 0). ``cfg.gate='plain'`` gives
+sigmoid(g_t), the gate this lab used before, for comparison.
+
+Several residual streams (hyper-connections, modules/mhc.py). With ``n_streams`` = n the
+layer reads the streams h [B, T, n, dim] and writes a delta to every stream, as the
+paper's multi-branch integration (its demo): the value projection is shared, but each
+stream i has its own key projection W_K^i (W_K stacks them: [n*dim, J*head_dim]) and its
+own query and key norm gains, hence its own gate alpha_t^i = gate(h_t^i, k_t^i); the
+gated values u^i = alpha^i v are RMS-normalised per stream (own gains) and convolved over
+all n*dim channels. With n = 1 the parameters are exactly the single-stream layer's.
 
 Hash. Positions before the sequence start read the pad id ``vocab_size`` (no canonical id
 equals it). For sub-table j of order n, with odd multipliers m[j, k] drawn from a
@@ -106,6 +120,14 @@ def engram_params(model: nn.Module) -> int:
     return sum(p.numel() for m in model.modules() if isinstance(m, Engram) for p in m.parameters())
 
 
+def _stream_rms(u: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """RMSNorm of each stream of u [B, T, n, dim] with its own slice of norm.weight [n*dim]
+    (computed in fp32 like RMSNorm)."""
+    uf = u.float()
+    y = uf * torch.rsqrt(uf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return (y * norm.weight.float().view(u.shape[-2], u.shape[-1])).to(u.dtype)
+
+
 class EngramCache:
     """Decode state of one Engram layer: the convolution's previous inputs.
 
@@ -127,12 +149,15 @@ class Engram(nn.Module):
     """
 
     def __init__(self, dim: int, cfg: EngramConfig, layer_idx: int, vocab_size: int,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, n_streams: int = 1) -> None:
         super().__init__()
         if vocab_size >= 2**31:
             raise ValueError(f"vocab_size={vocab_size} too large for the int64 hash (< 2^31)")
         self.dim, self.layer_idx, self.vocab_size = dim, layer_idx, vocab_size
+        self.n_streams = n_streams
+        width = n_streams * dim  # one key, query/key/conv norm gain and conv channel per stream
         self.head_dim, self.host_memory = cfg.head_dim, cfg.host_memory
+        self.signed_sqrt_gate = cfg.gate == "signed_sqrt"
         self.orders = sorted(cfg.ngram_orders)
         self.max_order = max(self.orders)
         self.heads = cfg.heads_per_order
@@ -154,14 +179,14 @@ class Engram(nn.Module):
         self.table.weight.lr_multiplier = cfg.lr_multiplier  # type: ignore[attr-defined]
         self.table.weight.no_weight_decay = True  # type: ignore[attr-defined]
         e_dim = self.n_tables * cfg.head_dim
-        self.w_k = nn.Linear(e_dim, dim, bias=False)
+        self.w_k = nn.Linear(e_dim, width, bias=False)
         self.w_v = nn.Linear(e_dim, dim, bias=False)
-        self.norm_h = RMSNorm(dim, norm_eps)
-        self.norm_k = RMSNorm(dim, norm_eps)
-        self.norm_conv = RMSNorm(dim, norm_eps)
+        self.norm_h = RMSNorm(width, norm_eps)
+        self.norm_k = RMSNorm(width, norm_eps)
+        self.norm_conv = RMSNorm(width, norm_eps)
         # Depthwise causal conv, zero-initialised so the module starts as the gated value.
-        self.conv = nn.Conv1d(dim, dim, cfg.kernel_size, groups=dim, dilation=self.dilation,
-                              bias=False)
+        self.conv = nn.Conv1d(width, width, cfg.kernel_size, groups=width,
+                              dilation=self.dilation, bias=False)
         nn.init.zeros_(self.conv.weight)
 
     # ---- host memory ----------------------------------------------------------------
@@ -237,7 +262,7 @@ class Engram(nn.Module):
 
     # ---- statistics -----------------------------------------------------------------------
     @torch.no_grad()
-    def collision_rate(self, window: torch.Tensor, idx: torch.Tensor) -> float:
+    def collision_rate(self, window: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Bucket collision rate of a batch, averaged over the J sub-tables.
 
         For sub-table j of order n: the distinct n-grams of canonical ids (pads included)
@@ -265,7 +290,7 @@ class Engram(nn.Module):
                 rows.scatter_(0, inverse.to(idx.device), idx[..., j].reshape(-1))
                 _, inv_b, counts = torch.unique(rows, return_inverse=True, return_counts=True)
                 rates.append((counts[inv_b] > 1).float().mean())
-        return torch.stack(rates).mean().item()  # one host sync per layer
+        return torch.stack(rates).mean()
 
     # ---- forward ----------------------------------------------------------------------------
     def embed(self, ctx: ForwardContext, t: int, device: torch.device
@@ -283,6 +308,8 @@ class Engram(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: EngramCache | None = None
                 ) -> torch.Tensor:
+        if x.dim() == 4:
+            return self._forward_streams(x, ctx, cache)
         b, t, _ = x.shape
         win, idx, e = self.embed(ctx, t, x.device)
         e = e.to(x.dtype)
@@ -290,21 +317,52 @@ class Engram(nn.Module):
         alpha = self.gate(x, k)                                        # [B, T, 1]
         u = (alpha * v).to(x.dtype)
         y = u + F.silu(self._conv(self.norm_conv(u), cache))
+        self._stats(ctx, alpha, win, idx)
+        return y
+
+    def _forward_streams(self, x: torch.Tensor, ctx: ForwardContext,
+                         cache: EngramCache | None) -> torch.Tensor:
+        """Streams x [B, T, n, dim] -> delta [B, T, n, dim] (see the module docstring)."""
+        b, t, n, d = x.shape
+        if n != self.n_streams:
+            raise ValueError(f"Engram built for {self.n_streams} streams got {n}")
+        win, idx, e = self.embed(ctx, t, x.device)
+        e = e.to(x.dtype)
+        k = self.w_k(e).unflatten(-1, (n, d))                          # [B, T, n, dim]
+        v = self.w_v(e).unsqueeze(-2)                                  # [B, T, 1, dim]
+        alpha = self.gate(x, k)                                        # [B, T, n, 1]
+        u = (alpha * v).to(x.dtype)                                    # [B, T, n, dim]
+        z = _stream_rms(u, self.norm_conv).flatten(-2)                 # [B, T, n*dim]
+        y = u + F.silu(self._conv(z, cache)).unflatten(-1, (n, d))
+        self._stats(ctx, alpha, win, idx)
+        return y
+
+    def _stats(self, ctx: ForwardContext, alpha: torch.Tensor, win: torch.Tensor,
+               idx: torch.Tensor) -> None:
         if ctx.step is not None or self.training:
             ctx.add_stat("engram/gate_mean", alpha.mean())
             ctx.add_stat("engram/bucket_collision_rate", self.collision_rate(win, idx))
-        return y
 
     def gate(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """alpha = sigmoid(<RMSNorm_h(h), RMSNorm_k(k)> / sqrt(dim)): [B, T, 1] from h, k
-        [B, T, dim]. Computed as <h * k, g_h * g_k> * r_h * r_k with r = 1/rms, in fp32:
-        the same value as normalising both first, with fewer passes over [B, T, dim]."""
+        """alpha = sigmoid(sign(g) sqrt(max(|g|, 1e-6))) (or sigmoid(g) with
+        cfg.gate='plain') of g = :meth:`gate_score`: [B, T, 1] from h, k [B, T, dim]."""
+        score = self.gate_score(h, k)
+        if self.signed_sqrt_gate:
+            score = score.abs().clamp_min(1e-6).sqrt() * score.sign()
+        return torch.sigmoid(score)
+
+    def gate_score(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """g = <RMSNorm_h(h), RMSNorm_k(k)> / sqrt(dim): [B, T, 1], in fp32. Computed as
+        <h * k, g_h * g_k> * r_h * r_k with r = 1/rms: the same value as normalising both
+        first, with fewer passes over [B, T, dim]."""
         hf, kf = h.float(), k.float()
         r_h = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.norm_h.eps)
         r_k = torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + self.norm_k.eps)
         g = (self.norm_h.weight * self.norm_k.weight).float()
-        score = (hf * kf) @ g.unsqueeze(-1)
-        return torch.sigmoid(score * r_h * r_k / math.sqrt(self.dim))
+        if h.dim() == 4:  # streams [B, T, n, dim]: each stream with its own gains
+            dot = (hf * kf * g.view(self.n_streams, self.dim)).sum(-1, keepdim=True)
+            return dot * r_h * r_k / math.sqrt(self.dim)
+        return (hf * kf) @ g.unsqueeze(-1) * r_h * r_k / math.sqrt(self.dim)
 
     def _conv(self, z: torch.Tensor, cache: EngramCache | None) -> torch.Tensor:
         """Depthwise causal dilated conv over time: z [B, T, dim] -> [B, T, dim]; prepends
@@ -325,7 +383,8 @@ class Engram(nn.Module):
 
     # ---- decode / accounting ------------------------------------------------------------------
     def new_cache(self, batch: int, device: torch.device | str = "cpu") -> EngramCache:
-        return EngramCache(batch, (self.kernel_size - 1) * self.dilation, self.dim, device)
+        return EngramCache(batch, (self.kernel_size - 1) * self.dilation,
+                           self.n_streams * self.dim, device)
 
     def inactive_params_per_token(self) -> int:
         """Table parameters not looked up by one token (all rows but its J)."""

@@ -29,6 +29,18 @@ Group-limited routing masks the experts of dropped groups with -inf, as DeepSeek
 reference inference code and transformers' DeepseekV3 (5.23) do; tests/test_peer.py
 checks the whole model against the latter.
 
+DeepSeek-V4 additions (both off by default):
+
+- Hash routing (``hash_layers``): the first MoE layers select experts by a frozen
+  token-id -> experts table ``tid2eid`` [vocab, k] instead of top_k(c); the gates are still
+  g = route_scale * s_I / sum(s_I) from the learned, unbiased affinities (as V4's
+  reference: no balancing bias, no group limit, no balance loss on these layers). The
+  table is a persistent buffer (saved in checkpoints), drawn from a seeded generator of
+  its own: k distinct experts per token, uniformly at random (V4 ships its table in the
+  checkpoint; how it was built is not published). The layer then needs the token ids.
+- SwiGLU clamp (``swiglu_limit``): every expert, routed and shared, computes
+  SiLU(min(W1 x, limit)) * clamp(W3 x, -limit, limit) (ffn.swiglu).
+
 Note vs. DeepSeek-V3: V3 renormalises the selected gates only for sigmoid scores; here
 they are renormalised for every score function (DESIGN.md section 2).
 """
@@ -40,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from v4lab.modules.args import MoEConfig
-from v4lab.modules.ffn import SwiGLU
+from v4lab.modules.ffn import SwiGLU, swiglu
 
 
 def affinity(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -89,9 +101,48 @@ class Gate(nn.Module):
             mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(n, -1)
         indices = choice.topk(self.top_k, dim=-1).indices
-        gates = scores.gather(1, indices)
-        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
-        return gates, indices, scores
+        return selected_gates(scores, indices, self.route_scale), indices, scores
+
+
+def selected_gates(scores: torch.Tensor, indices: torch.Tensor, route_scale: float) -> torch.Tensor:
+    """g = route_scale * s_I / sum(s_I): the unbiased affinities of the selected experts
+    [N, k], renormalised (float32)."""
+    gates = scores.gather(1, indices)
+    return gates / (gates.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
+
+
+def hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """A token-id -> experts table: int64 [vocab_size, top_k], k distinct experts per token
+    drawn uniformly from a generator seeded with ``seed`` (the global RNG is untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(vocab_size, n_experts, generator=g).argsort(dim=-1)[:, :top_k].contiguous()
+
+
+class HashGate(nn.Module):
+    """Hash router (DeepSeek-V4): experts from the frozen table, gates from learned scores.
+
+    forward(x [N, dim], ids [N]) -> (gates [N, k] float32, indices [N, k] int64,
+    scores [N, E] float32), like :class:`Gate` but with no balancing bias.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig, vocab_size: int, seed: int) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.top_k
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.proj = nn.Linear(dim, cfg.n_routed_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        self.register_buffer("tid2eid", hash_table(vocab_size, cfg.n_routed_experts, cfg.top_k,
+                                                   seed), persistent=True)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # route in fp32
+            logits = F.linear(x.float(), self.proj.weight.float())
+        scores = affinity(logits, self.score_func)
+        indices = self.tid2eid[ids]
+        return selected_gates(scores, indices, self.route_scale), indices, scores
 
 
 class RoutedExperts(nn.Module):
@@ -103,8 +154,9 @@ class RoutedExperts(nn.Module):
     narrower than dim, so cheaper than scaling the output).
     """
 
-    def __init__(self, n: int, dim: int, hidden: int) -> None:
+    def __init__(self, n: int, dim: int, hidden: int, limit: float = 0.0) -> None:
         super().__init__()
+        self.limit = limit  # SwiGLU clamp (ffn.swiglu); 0 = off
         self.w1 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim))
@@ -128,12 +180,13 @@ class RoutedExperts(nn.Module):
         scale = scale.to(x.dtype).unsqueeze(-1)
         if self.use_grouped_mm and hasattr(F, "grouped_mm"):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-            h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
+            h = swiglu(F.grouped_mm(x, self.w1, offs=offs), F.grouped_mm(x, self.w3, offs=offs),
+                       self.limit)
             return F.grouped_mm(h * scale, self.w2, offs=offs)
         # split / unbind (not x[a:b], w[e]): their backward is one cat / stack instead of
         # a zero-filled full-size gradient per expert.
         w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
-        outs = [(F.silu(xe @ w1[e]) * (xe @ w3[e]) * se) @ w2[e]
+        outs = [(swiglu(xe @ w1[e], xe @ w3[e], self.limit) * se) @ w2[e]
                 for e, (xe, se) in enumerate(zip(x.split(counts), scale.split(counts)))
                 if counts[e] > 0]
         return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[-1])
@@ -161,14 +214,20 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
 class MoE(nn.Module):
     """DeepSeekMoE feed-forward layer.
 
-    forward(x [B, T, dim], ctx) -> [B, T, dim]. ``ctx`` (a ForwardContext, or None when
-    used standalone) receives, in training mode, the statistics ``moe/load_cv``,
+    forward(x [B, T, dim], ctx, input_ids) -> [B, T, dim]. ``ctx`` (a ForwardContext, or
+    None when used standalone) receives, in training mode, the statistics ``moe/load_cv``,
     ``moe/max_over_mean``, ``moe/dead_experts``, ``moe/bias_min``, ``moe/bias_max`` and,
-    when ``aux_loss_alpha`` > 0, the loss ``moe/aux_loss``.
+    when ``aux_loss_alpha`` > 0, the loss ``moe/aux_loss`` (the last three not on
+    hash-routed layers, which have no bias and no choice to balance).
     Shared experts are one SwiGLU of width n_shared_experts * expert_dim.
+
+    Block ``layer_idx`` routes by hash when ``cfg.is_hash_layer(layer_idx)``; it then
+    reads the token ids [B, T] from ``input_ids`` or else ``ctx.input_ids``, and its table
+    covers ``vocab_size`` ids.
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, layer_idx: int | None = None,
+                 vocab_size: int | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.n_experts = cfg.n_routed_experts
@@ -176,9 +235,17 @@ class MoE(nn.Module):
         self.expert_dim = cfg.expert_dim
         self.bias_update_rate = cfg.bias_update_rate
         self.aux_loss_alpha = cfg.aux_loss_alpha
-        self.gate = Gate(dim, cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, dim, cfg.expert_dim)
-        self.shared = (SwiGLU(dim, cfg.n_shared_experts * cfg.expert_dim)
+        self.hashed = layer_idx is not None and cfg.is_hash_layer(layer_idx)
+        if self.hashed:
+            if vocab_size is None:
+                raise ValueError(f"MoE layer {layer_idx} is hash-routed: it needs vocab_size")
+            # a distinct table per layer, the same in every process for a given hash_seed
+            self.gate = HashGate(dim, cfg, vocab_size, cfg.hash_seed * 1_000_003 + layer_idx)
+        else:
+            self.gate = Gate(dim, cfg)
+        limit = cfg.swiglu_limit
+        self.experts = RoutedExperts(cfg.n_routed_experts, dim, cfg.expert_dim, limit)
+        self.shared = (SwiGLU(dim, cfg.n_shared_experts * cfg.expert_dim, limit)
                        if cfg.n_shared_experts > 0 else None)
         # (token, expert) assignments counted in training forwards since the last step.
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -190,10 +257,14 @@ class MoE(nn.Module):
         """Routed-expert parameters a token does not use: (n_routed - top_k) experts."""
         return (self.n_experts - self.top_k) * self.params_per_expert()
 
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx=None, input_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        gates, indices, scores = self.gate(flat)
+        if self.hashed:
+            gates, indices, scores = self.gate(flat, self._token_ids(b, t, ctx, input_ids))
+        else:
+            gates, indices, scores = self.gate(flat)
         k = self.top_k
         # Sort the N*k (token, expert) pairs by expert: contiguous segment per expert.
         pair_expert = indices.reshape(-1)
@@ -209,6 +280,18 @@ class MoE(nn.Module):
             self._record(counts, scores, indices, b, ctx)
         return out.view(b, t, d)
 
+    @staticmethod
+    def _token_ids(b: int, t: int, ctx, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """The ids [B*T] a hash-routed layer routes by: ``input_ids`` or ``ctx.input_ids``."""
+        ids = input_ids if input_ids is not None else getattr(ctx, "input_ids", None)
+        if ids is None:
+            raise ValueError("a hash-routed MoE layer needs the token ids: pass input_ids= "
+                             "or a ForwardContext with input_ids")
+        if ids.shape != (b, t):
+            raise ValueError(f"token ids of shape {tuple(ids.shape)} do not match the input "
+                             f"[{b}, {t}, dim]")
+        return ids.reshape(-1)
+
     def _record(self, counts: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
                 batch: int, ctx) -> None:
         """Count load for the bias update; report statistics and the balance loss."""
@@ -221,6 +304,8 @@ class MoE(nn.Module):
         ctx.add_stat("moe/load_cv", load.std(unbiased=False) / mean)
         ctx.add_stat("moe/max_over_mean", load.max() / mean)
         ctx.add_stat("moe/dead_experts", (load == 0).sum())
+        if self.hashed:
+            return
         ctx.add_stat("moe/bias_min", self.gate.bias.min())
         ctx.add_stat("moe/bias_max", self.gate.bias.max())
         if self.aux_loss_alpha > 0:
@@ -235,6 +320,6 @@ class MoE(nn.Module):
         follows the global batch's load, and every rank applies the same update."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.load)
-        if self.bias_update_rate > 0 and self.load.sum() > 0:
+        if self.bias_update_rate > 0 and self.load.sum() > 0 and not self.hashed:
             self.gate.bias += self.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
