@@ -297,8 +297,8 @@ def _values(metrics: dict) -> dict:
 
 
 def test_trainer_quantize_is_validated():
-    from conftest import compose
     from v4lab.config import TrainerConfig, load_run_config
+    from v4lab.io import compose
 
     with pytest.raises(ConfigError, match="trainer.quantize='int4'"):
         TrainerConfig(quantize="int4").validate()
@@ -311,7 +311,7 @@ def test_trainer_quantize_is_validated():
 @pytest.fixture(scope="module")
 def qat_runs(tmp_path_factory, smoke_overrides):
     """Smoke runs: plain, QAT from step 6 of 12, post-hoc."""
-    from conftest import compose
+    from v4lab.io import compose
     from v4lab.train import train
 
     out = {}
@@ -344,7 +344,8 @@ def test_qat_kill_and_resume_across_the_switch_equals_uninterrupted(qat_runs, tm
                                                                     smoke_overrides):
     """Killed after step 7, resumed from the step-4 checkpoint: QAT switches on at step 6
     in the resumed part; the final metrics equal the uninterrupted run's."""
-    from conftest import Crash, compose
+    from conftest import Crash
+    from v4lab.io import compose
     from v4lab.train import train
 
     cfg = compose(["+experiment=baseline", "model.moe.enabled=true", *smoke_overrides,

@@ -288,7 +288,7 @@ def test_trainer_optimizer_is_validated():
 
 @pytest.fixture(scope="module")
 def muon_run(tmp_path_factory, smoke_overrides):
-    from conftest import compose
+    from v4lab.io import compose
     from v4lab.train import train
 
     run_dir = tmp_path_factory.mktemp("muon_run")
@@ -307,7 +307,8 @@ def test_smoke_training_with_muon(muon_run):
 
 
 def test_muon_kill_and_resume_equals_uninterrupted(muon_run, tmp_path, smoke_overrides):
-    from conftest import Crash, compose
+    from conftest import Crash
+    from v4lab.io import compose
     from v4lab.train import train
 
     _, metrics = muon_run
