@@ -20,7 +20,7 @@ IDENTITY = ("experiment", "seed", "config_hash", "git_rev", "torch_version", "co
 REQUIRED = IDENTITY + ("val/loss", "val/bpb", "test/bpb", "cost/params_total",
                        "cost/params_active", "cost/kv_bytes_per_token",
                        "cost/train_flops_per_token", "speed/train_tokens_per_s")
-TIMINGS = ("speed/", "time/")  # wall-clock figures: training and decode speed, durations
+TIMINGS = ("speed/", "time/", "host/")  # wall-clock figures and the load at start
 
 
 def _values(metrics: dict) -> dict:

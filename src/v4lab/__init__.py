@@ -1,3 +1,7 @@
 """v4lab: reproducible ablations of DeepSeek-V4-era architecture pieces."""
 
 __version__ = "0.1.0"
+
+from v4lab.threads import prefer_passive_wait as _prefer_passive_wait
+
+_prefer_passive_wait()  # before torch starts OpenMP (see v4lab.threads)

@@ -62,7 +62,7 @@ class TrainerConfig:
     test_batches: int = 8
     checkpoint_every_n_steps: int = 50
     log_every_n_steps: int = 10
-    num_threads: int = 0
+    num_threads: Any = "auto"  # 'auto' (v4lab.threads), 0 = torch's default, or a count
     optimizer: str = "adamw"
     quantize: str = "none"
     qat_start: float = 0.9
@@ -82,8 +82,10 @@ class TrainerConfig:
         require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0 (0 = off)")
         require_choice(f"{path}.precision", self.precision, PRECISIONS)
         require_choice(f"{path}.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda"))
-        require(self.num_threads >= 0, f"{path}.num_threads", self.num_threads,
-                ">= 0 (0 = torch's default)")
+        require(self.num_threads == "auto" or (isinstance(self.num_threads, int)
+                                                 and self.num_threads >= 0),
+                f"{path}.num_threads", self.num_threads,
+                "'auto' (from the free CPUs at start), 0 (torch's default) or a thread count")
         require_choice(f"{path}.strategy", self.strategy, STRATEGIES)
         require_choice(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
         require_choice(f"{path}.quantize", self.quantize, QUANTIZE)

@@ -38,6 +38,7 @@ from v4lab.evaluate import check_lengths, evaluate
 from v4lab.io import atomic_replace, atomic_write_text, config_hash, git_rev
 from v4lab.lit import LitLM
 from v4lab.modules.engram import engram_params
+from v4lab.threads import choose_threads
 
 log = logging.getLogger("v4lab")
 
@@ -219,10 +220,11 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     if rank_zero:  # also what the extra local DDP processes start from
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     _quiet_lightning()
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    threads = choose_threads(t.num_threads, t.devices if t.accelerator == "cpu" else 1)
+    if threads.threads:
+        torch.set_num_threads(threads.threads)
         if t.world_size > 1:  # or Lightning sets cpu_count / processes threads per process
-            os.environ.setdefault("OMP_NUM_THREADS", str(t.num_threads))
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads.threads))
     L.seed_everything(run_cfg.seed, workers=True, verbose=False)
 
     folder = prepare(run_cfg.data)
@@ -301,6 +303,7 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
             **costs,
             "speed/train_tokens_per_s": throughput.tokens_per_s,
             "time/train_s": train_seconds,
+            **threads.metrics(),
             **chip_figures,
         }
         for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
