@@ -180,6 +180,84 @@ def test_host_measurement_runs_once_and_is_cached_atomically(monkeypatch, tmp_pa
     assert chips.measure_host() == m
 
 
+def _cache_with(record: dict) -> None:
+    atomic_write_json(chips.host_cache_path(), {chips.host_key(): record}, indent=1, sort_keys=True)
+
+
+def _fake_timing(monkeypatch) -> list[int]:
+    """_measure replaced by a quiet-machine record with fp32 peak 0.2; returns a call log."""
+    calls: list[int] = []
+
+    def measure():
+        calls.append(1)
+        return {**FAKE_HOST, "fp32_tflops": 0.2,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    monkeypatch.setattr(chip_host, "_measure", measure)
+    return calls
+
+
+def test_validating_a_run_config_measures_nothing_and_writes_no_file(monkeypatch, tmp_path):
+    """Issue 13: config validation is pure; host peaks are measured when the run is built."""
+    from v4lab.config import load_run_config
+    from v4lab.io import compose
+
+    monkeypatch.setenv("V4LAB_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(chip_host, "_measure", lambda: pytest.fail("validation measured"))
+    cfg = load_run_config(compose(["trainer=smoke"]))
+    assert cfg.chip.name == "cpu_host" and cfg.chip.measured and cfg.chip.peak_tflops == {}
+    assert not (tmp_path / "empty").exists()  # no cache written
+    # values that need no measurement are still checked
+    with pytest.raises(ConfigError, match="chip.matmul_dtype"):
+        load_run_config(compose(["trainer=smoke", "chip.matmul_dtype=fp8"]))
+    calls = _fake_timing(monkeypatch)
+    model_cfg, matmul, _ = chips.build_numerics(cfg.chip, cfg.model)
+    assert calls == [1] and cfg.chip.peak_tflops["fp32"].value == 0.2 and matmul == "fp32"
+    assert chips.host_cache_path().is_file()
+
+
+@pytest.mark.parametrize("days,retimed", [(29, False), (31, True)])
+def test_stale_host_peaks_are_measured_again(monkeypatch, days, retimed):
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - days * 86400))
+    _cache_with({**FAKE_HOST, "when": when})
+    calls = _fake_timing(monkeypatch)
+    m = chips.measure_host()
+    assert bool(calls) == retimed and m["fp32_tflops"] == (0.2 if retimed else 0.1)
+    assert json.loads(chips.host_cache_path().read_text())[chips.host_key()] == m
+
+
+def test_old_cache_record_without_load_is_measured_again(monkeypatch):
+    _cache_with({k: v for k, v in FAKE_HOST.items() if k not in ("load_per_core", "load_avg_1m")})
+    calls = _fake_timing(monkeypatch)
+    assert chips.measure_host()["fp32_tflops"] == 0.2 and calls == [1]
+
+
+def test_peaks_measured_under_load_are_marked_low_and_retimed_when_quiet(monkeypatch):
+    """Issue 18: a record timed under load is used (marked low) while the machine is still
+    busy, and timed again once it is quiet."""
+    _cache_with({**FAKE_HOST, "load_per_core": 1.5, "load_avg_1m": 4.0, "cores": 2})
+    calls = _fake_timing(monkeypatch)
+    monkeypatch.setattr(chip_host, "load_now", lambda: (3.0, 2, 1.0))  # still busy
+    chip = chips.load_chip("cpu_host")
+    assert calls == [] and chip.peak_tflops["fp32"].value == 0.1
+    assert chip.peak_tflops["fp32"].confidence == "low" and "under load" in chip.hbm_tbps.source
+    assert "peak_tflops.fp32[low]" in chip.marked_figures()
+    cfg = _mla_cfg().validate()
+    assert "peak_tflops.bf16[low]" in chips.chip_metrics(chip, cfg)["chip/marked_figures"]
+    monkeypatch.setattr(chip_host, "load_now", lambda: (1.2, 2, 0.1))  # quiet now
+    chip = chips.load_chip("cpu_host")
+    assert calls == [1] and chip.peak_tflops["fp32"].value == 0.2
+    assert chip.peak_tflops["fp32"].confidence == "medium" and chip.marked_figures() == []
+
+
+def test_load_per_core_leaves_out_this_process(monkeypatch):
+    monkeypatch.setattr(chip_host.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(chip_host, "_cores", lambda: 2)
+    assert chip_host.load_now() == (1.0, 2, 0.0)  # only this process running: quiet
+    monkeypatch.setattr(chip_host.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert chip_host.load_now()[2] == pytest.approx(1.0)
+
+
 # ---- numerics ---------------------------------------------------------------------------
 def test_fp8_kv_on_chip_without_fp8_is_an_error_naming_the_ways_out():
     cfg = _mla_cfg(kv_cache=KVCacheConfig(dtype="fp8")).validate()
@@ -211,6 +289,27 @@ def test_supported_dtype_passes_through_and_no_fallback_chip_says_so():
     d["kv_fallback_dtype"], d["on_unsupported"] = None, "fallback"
     with pytest.raises(ConfigError, match="documents no fallback"):
         chips.resolve_numerics(chips.ChipConfig.from_dict(d), cfg)
+
+
+def test_a_built_run_records_the_kv_dtype_it_uses():
+    """Issue 13: config.yaml (asdict of the run config after build_numerics) holds the
+    effective KV dtype; rebuilding from it (evaluate.load_run) changes nothing more."""
+    from dataclasses import asdict
+
+    from v4lab.config import load_run_config
+    from v4lab.io import compose
+
+    cfg = load_run_config(compose(["+experiment=chip_ascend_910c", "trainer=smoke",
+                                   "model.attention.kind=mla",
+                                   "model.attention.kv_cache.dtype=fp8"]))
+    requested = cfg.model
+    cfg.model, matmul, notes = chips.build_numerics(cfg.chip, requested)
+    assert (cfg.model.attention.kv_cache.dtype, matmul) == ("int8", "bf16") and "fallback" in notes[0]
+    assert requested.attention.kv_cache.dtype == "fp8"  # chip/kv_dtype_requested comes from it
+    saved = load_run_config(OmegaConf.create(asdict(cfg)))
+    assert saved.model.attention.kv_cache.dtype == "int8"
+    again, _, notes = chips.apply_numerics(saved.chip, saved.model)
+    assert again == saved.model and notes == []
 
 
 # ---- projection ---------------------------------------------------------------------------
