@@ -9,7 +9,8 @@ Writes benchmarks/results/attention_decode.md. Two parts:
    the absorbed dense path over all L cached entries, sparse = lightning indexer over L
    keys + attention over the top-k gathered entries. Both read an FP8 cache (the default
    config). Wall time per token is the median over repeats, one CPU thread. Beside it, the
-   analytic FLOP ratio of the same step (projections + attention [+ indexer]); the sparse
+   analytic FLOP ratio of the same step (projections + attention [+ indexer], counted by
+   ``v4lab.accounting``, the project's one FLOP model); the sparse
    path must reach at least half that speed-up at the longest context.
 2. KV bytes per token and layer for MHA, MLA-bf16, MLA-FP8 (fp32 and ue8m0 scales) and
    MLA-int8, at the model's size and at DeepSeek-V3 size, measured from the tensors of a
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from v4lab.accounting import forward_flops_per_token
+from v4lab.model import ModelConfig
 from v4lab.modules.args import AttentionConfig, KVCacheConfig, SparseConfig
 from v4lab.modules.attention import KVCache
 from v4lab.modules.context import ForwardContext
@@ -46,20 +49,16 @@ def small_attention() -> tuple[int, AttentionConfig]:
 
 
 def flops(dim: int, c: AttentionConfig, context: int, sparse: bool) -> float:
-    """Multiply-adds x 2 of one decode step of one layer (projections + attention)."""
-    h, r, dv = c.n_heads, c.kv_lora_rank, c.v_head_dim
-    dn, dr = c.qk_nope_head_dim, c.qk_rope_head_dim
-    qr = c.q_lora_rank or dim
-    out = dv + (dr if c.vvpa else 0)
-    proj = (dim * c.q_lora_rank if c.q_lora_rank else 0) + qr * h * (dn + dr) + dim * (r + dr)
-    proj += h * dn * r + h * dv * r + h * out * dim  # absorb W_UK, apply W_UV, W_O
-    per_key = h * (r + dr) + h * r + (h * dr if c.vvpa else 0)  # scores + latent out (+ rope out)
-    if not sparse:
-        return 2.0 * (proj + context * per_key)
-    s = c.sparse
-    ih, idim = s.index_n_heads, s.index_head_dim
-    index = qr * ih * idim + dim * idim + dim * ih + context * (ih * idim + ih)
-    return 2.0 * (proj + index + min(s.topk, context + 1) * per_key)
+    """FLOPs of one decode step of one layer (``v4lab.accounting``, 2 per multiply-add,
+    absorbed MLA): projections + attention over the ``context + 1`` entries the new token
+    sees (top-k of them when sparse) + the indexer scoring all of them."""
+    c = copy.deepcopy(c)
+    c.sparse.enabled = sparse
+    one_layer = ModelConfig(vocab_size=1, dim=dim, n_layers=1, ffn_dim=1, attention=c)
+    keys = context + 1
+    f = forward_flops_per_token(one_layer, min(c.sparse.topk, keys) if sparse else keys, keys,
+                                absorbed=True)
+    return f["attn_proj"] + f["attn_core"] + f.get("indexer", 0.0)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
+import common
 import peer_speed as ps
 import torch
 
@@ -34,7 +35,6 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     shapes = [(8, 512), (4, 1024), (2, 2048)] + ([(1, 4096)] if a.long else [])
     cfg_args, hf, v4 = ps.default_pair(seq=max(s for _, s in shapes))
-    cfg = hf.config
     models = {"transformers": hf.train(), "v4lab": v4.train()}
     load0 = os.getloadavg()
     rows = []
@@ -49,7 +49,7 @@ def main() -> None:
                 if rep:
                     times[name].append(dt)
         med = {n: statistics.median(t) for n, t in times.items()}
-        flops = batch * seq * 3 * ps.forward_flops(cfg, (seq + 1) / 2)
+        flops = batch * seq * common.train_flops(v4.cfg, seq)
         rows.append((batch, seq, med, flops))
         print(f"{batch} x {seq}: " + ", ".join(f"{n} {v:.3f}s" for n, v in med.items())
               + f"  ratio {med['transformers'] / med['v4lab']:.2f}x", flush=True)

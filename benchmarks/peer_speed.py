@@ -17,9 +17,11 @@ anything is timed). On the same config, batch, precision and thread count it tim
 
 Each in fp32 and under bf16 autocast (torch.autocast("cpu", torch.bfloat16), weights
 fp32). It prints the ratio and the model FLOP utilisation (MFU) of each: analytic model
-FLOPs (matrix products and attention, 2 per multiply-add, training = 3x forward, causal
-attention counted over the keys each query sees) per second, divided by this machine's
-matmul rate measured here in the same dtype and thread count (square fp32 / bf16 GEMMs).
+FLOPs (``v4lab.accounting``, the project's one FLOP model, via ``benchmarks/common.py``:
+matrix products and attention, 2 per multiply-add, training = 3x forward for matrix
+products and 3.5x for the attention core, causal attention counted over the keys each
+query sees) per second, divided by this machine's matmul rate measured here in the same
+dtype and thread count (square fp32 / bf16 GEMMs, ``common.matmul_flops``).
 Decode MFU uses the FLOPs of the absorbed algorithm for both; transformers executes more
 (it re-expands every cached latent through kv_b_proj each step), shown separately.
 The KV cache bytes per token are read off the stored cache tensors of both.
@@ -38,6 +40,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
@@ -63,45 +66,13 @@ def hf_config(a: argparse.Namespace):
 
 
 # ---- analytic FLOPs ---------------------------------------------------------------------
-def forward_flops(c, tokens_attended: float, absorbed: bool = False) -> float:
-    """FLOPs of one token's forward (2 per multiply-add) when it attends to
-    ``tokens_attended`` keys. ``absorbed``: the decode algorithm (W_UK folded into the
-    query, W_UV after attention, no per-key up-projection); else keys and values are
-    up-projected from the latent once per key (training: once per token)."""
-    h, r, dn, dr, dv = (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim,
-                        c.qk_rope_head_dim, c.v_head_dim)
-    d = c.hidden_size
-    q = (d * c.q_lora_rank + c.q_lora_rank * h * (dn + dr)) if c.q_lora_rank else d * h * (dn + dr)
-    attn = q + d * (r + dr) + h * dv * d
-    if absorbed:
-        attn += h * dn * r + h * dv * r + tokens_attended * h * (r + dr + r)
-    else:
-        attn += r * h * (dn + dv) + tokens_attended * h * (dn + dr + dv)
-    dense = 3 * d * c.intermediate_size
-    moe = d * c.n_routed_experts + (c.num_experts_per_tok + c.n_shared_experts) * 3 * d * \
-        c.moe_intermediate_size
-    n_dense = min(c.first_k_dense_replace, c.num_hidden_layers)
-    ffn = n_dense * dense + (c.num_hidden_layers - n_dense) * moe
-    return 2.0 * (c.num_hidden_layers * attn + ffn + d * c.vocab_size)
-
-
-def hf_decode_flops(c, context: int) -> float:
-    """What transformers executes per decode token: every cached latent re-expanded."""
-    h, r, dn, dv = c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim
-    return forward_flops(c, context) + 2.0 * c.num_hidden_layers * (context - 1) * r * h * (dn + dv)
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """Best FLOP/s of an [n, n] @ [n, n] product in ``dtype`` (current thread count)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2.0 * n**3 / best
+def hf_decode_flops(cfg, context: int) -> float:
+    """What transformers executes per decode token (``cfg``: the v4lab ModelConfig of the
+    same model): the up-projected forward over ``context`` keys, plus every other cached
+    latent re-expanded through kv_b_proj."""
+    a = cfg.attention
+    return common.forward_flops(cfg, context) + 2.0 * cfg.n_layers * (context - 1) * \
+        a.kv_lora_rank * a.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
 
 
 # ---- timed work -------------------------------------------------------------------------
@@ -236,7 +207,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = hf_config(a)
     hf = transformers.DeepseekV3ForCausalLM(cfg)
-    v4, _ = to_v4lab(hf)
+    v4, v4cfg = to_v4lab(hf)
     models = {"transformers": hf, "v4lab": v4}
     # transformers' per-expert Python loop (its `eager` experts), for the training step only:
     # the dispatch earlier transformers releases used; 5.x defaults to grouped_mm.
@@ -251,11 +222,12 @@ def main() -> None:
         check = float((hf.eval()(x[:1, :128]).logits - v4.eval()(x[:1, :128])).abs().max())
     print(f"fp32 logits max abs diff before timing: {check:.2e}")
     load0 = os.getloadavg()
-    rates = {p: matmul_rate(torch.float32 if p == "fp32" else torch.bfloat16) for p in a.precisions}
-    train_flops = a.batch * a.seq * 3 * forward_flops(cfg, (a.seq + 1) / 2)
+    rates = {p: common.matmul_flops(torch.float32 if p == "fp32" else torch.bfloat16)
+             for p in a.precisions}
+    train_flops = a.batch * a.seq * common.train_flops(v4cfg, a.seq)
     mid = a.prompt + a.new // 2
-    dec_flops = forward_flops(cfg, mid, absorbed=True)
-    hf_dec_flops = hf_decode_flops(cfg, mid)
+    dec_flops = common.forward_flops(v4cfg, mid, absorbed=True)
+    hf_dec_flops = hf_decode_flops(v4cfg, mid)
 
     rows, dec_rows, kv = [], [], {}
     for prec in a.precisions:
@@ -390,7 +362,7 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         f"{'/'.join(f'{v:.1f}' for v in load0)} at the start, "
         f"{'/'.join(f'{v:.1f}' for v in load1)} at the end (a shared machine: ratios from one "
         "process, alternating runs, are what counts)",
-        f"- measured matmul rate ({a.threads} threads, 1024^3 GEMM, best of 5): "
+        f"- measured matmul rate ({a.threads} threads, 1024^3 GEMM, best within 1 s): "
         + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in rates.items()),
         f"- config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
         f"({cfg.first_k_dense_replace} dense, intermediate {cfg.intermediate_size}), "

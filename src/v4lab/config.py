@@ -164,7 +164,7 @@ class RunConfig:
         self.data.validate("data")
         self.trainer.validate("trainer")
         self.logger.validate("logger")
-        self.chip.ready("chip")
+        self.chip.validate("chip", allow_unmeasured=True)  # measures nothing (chips.build_numerics)
         self.eval.validate("eval", self.model.max_seq_len)
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from v4lab import chips, distributed, tracking
+from v4lab import accounting, chips, distributed, tracking
 from v4lab.config import RunConfig, load_run_config
 from v4lab.data.canonical import build_canonical_ids
 from v4lab.data.datamodule import CorpusDataModule
@@ -188,7 +188,7 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
         "cost/params_total": float(model.num_params()),
         "cost/params_active": float(model.num_active_params()),
         "cost/kv_bytes_per_token": float(kv_bytes),
-        "cost/train_flops_per_token": chips.train_flops_per_token(model.cfg, seq_len),
+        "cost/train_flops_per_token": accounting.train_flops_per_token(model.cfg, seq_len),
         "cost/train_flops_per_token_counted": counter.get_total_flops() / seq_len,
     }
 
@@ -211,6 +211,10 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     """Run one experiment end to end; returns the metrics written to ``metrics.json``
     (by rank 0; other ranks of a multi-process run return them without writing)."""
     run_cfg = cfg if isinstance(cfg, RunConfig) else load_run_config(cfg)
+    # The target chip decides the numerics: KV-cache dtype (or its fallback) and matmul dtype
+    # (cpu_host's peaks are measured here); config.yaml records the model the run builds.
+    requested_model = run_cfg.model
+    run_cfg.model, matmul_dtype, notes = chips.build_numerics(run_cfg.chip, requested_model)
     t = run_cfg.trainer
     t.check_hardware()
     rank_zero = distributed.is_rank_zero()
@@ -244,11 +248,10 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                            t.seq_len + 1)
     dm = CorpusDataModule(folder, t.seq_len, t.batch_size, t.max_steps, run_cfg.seed,
                           t.val_batches, t.test_batches, task_mix)
-    # The target chip decides the numerics: KV-cache dtype (or its fallback) and matmul dtype.
-    model_cfg, matmul_dtype, notes = chips.apply_numerics(run_cfg.chip, run_cfg.model)
+    model_cfg = run_cfg.model
     for note in notes:
         log.warning(note)
-    chip_figures = chips.chip_metrics(run_cfg.chip, run_cfg.model,
+    chip_figures = chips.chip_metrics(run_cfg.chip, requested_model,
                                       presets={"v3_671b": chips.load_model_preset("v3_671b")})
     lit = LitLM(model_cfg, t, token_bytes, run_cfg.eval.answer_loss_weight)
     costs = measure_costs(lit, t.seq_len) if rank_zero else {}

@@ -10,6 +10,7 @@ from v4lab.modules.args import AttentionConfig
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.rope import apply_rope
 
+# torch dtype of a float KV cache (fp8 / int8 caches: modules/kv_quant.py STORE_DTYPES)
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

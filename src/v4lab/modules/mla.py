@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from v4lab.modules.args import AttentionConfig, KVCacheConfig
-from v4lab.modules.attention import round_through
+from v4lab.modules.attention import STORAGE_DTYPES, round_through
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.kv_quant import SCALE_DTYPES, STORE_DTYPES, dequantize, fake_quant, quantize
 from v4lab.modules.norm import RMSNorm
@@ -48,8 +48,6 @@ from v4lab.modules.sparse import (
     select_topk,
     topk_indices,
 )
-
-_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def rope_store_dtype(kv_dtype: str) -> torch.dtype:
@@ -71,7 +69,7 @@ class MLACache:
                  device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.quantized = cfg.dtype in STORE_DTYPES
-        kv_dtype = STORE_DTYPES[cfg.dtype] if self.quantized else _FLOAT_DTYPES[cfg.dtype]
+        kv_dtype = STORE_DTYPES[cfg.dtype] if self.quantized else STORAGE_DTYPES[cfg.dtype]
         self.kv = torch.zeros(batch, max_len, kv_lora_rank, dtype=kv_dtype, device=device)
         self.scale = None
         if self.quantized:
@@ -222,7 +220,7 @@ class MultiHeadLatentAttention(nn.Module):
         if kc.dtype in STORE_DTYPES:
             c_kv = fake_quant(c_kv, kc.dtype, kc.block_size, kc.scale_format)
         else:
-            c_kv = round_through(c_kv, _FLOAT_DTYPES[kc.dtype])
+            c_kv = round_through(c_kv, STORAGE_DTYPES[kc.dtype])
         return c_kv, round_through(k_rope, self.rope_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext,

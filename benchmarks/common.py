@@ -1,0 +1,32 @@
+"""What the benchmarks share: the one matmul timer and the one FLOP model of the project.
+
+    import common  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+- :func:`matmul_flops`: achieved FLOP/s of a square GEMM in a dtype at the current thread
+  count (``v4lab.chips.host``, the timer that measures the ``cpu_host`` chip's peaks);
+- :func:`forward_flops`, :func:`train_flops`: FLOPs per token of a v4lab ModelConfig from
+  ``v4lab.accounting`` (the count the chips' projection and every run's
+  ``cost/train_flops_per_token`` use): 2 per multiply-add, matrix products and attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from v4lab.accounting import forward_flops_per_token, train_flops_per_token
+from v4lab.chips.host import matmul_flops
+
+__all__ = ["forward_flops", "matmul_flops", "train_flops"]
+
+
+def forward_flops(cfg: Any, keys: float, absorbed: bool = False) -> float:
+    """Forward FLOPs of one token that attends to ``keys`` entries (the indexer, if any,
+    scores as many). ``absorbed``: MLA's decode algorithm (W_UK folded into the query,
+    W_UV applied after attention); else keys and values are up-projected per key."""
+    return sum(forward_flops_per_token(cfg, keys, keys, absorbed=absorbed).values())
+
+
+def train_flops(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) at ``seq_len``, causal attention:
+    3x the forward for matrix products, 3.5x for the attention core."""
+    return train_flops_per_token(cfg, seq_len)
