@@ -27,7 +27,7 @@ ALL_CHIPS = ("nvidia_h800", "nvidia_h20", "nvidia_h100", "ascend_910b", "ascend_
 # measured just now on a quiet machine: good to use (not stale, not under load)
 FAKE_HOST = {"cpu": "fake", "torch": "x", "threads": 1,
              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fp32_tflops": 0.1,
-             "bf16_tflops": 0.05, "mem_tbps": 0.01, "memory_gb": 16.0, "load_avg_1m": 0.0,
+             "bf16_tflops": 0.05, "mem_tbps": 0.01, "memory_gb": 16.0, "busy_cpus": 0.0,
              "cores": 1, "load_per_core": 0.0}
 
 
@@ -227,7 +227,7 @@ def test_stale_host_peaks_are_measured_again(monkeypatch, days, retimed):
 
 
 def test_old_cache_record_without_load_is_measured_again(monkeypatch):
-    _cache_with({k: v for k, v in FAKE_HOST.items() if k not in ("load_per_core", "load_avg_1m")})
+    _cache_with({k: v for k, v in FAKE_HOST.items() if k not in ("load_per_core", "busy_cpus")})
     calls = _fake_timing(monkeypatch)
     assert chips.measure_host()["fp32_tflops"] == 0.2 and calls == [1]
 
@@ -235,7 +235,7 @@ def test_old_cache_record_without_load_is_measured_again(monkeypatch):
 def test_peaks_measured_under_load_are_marked_low_and_retimed_when_quiet(monkeypatch):
     """Issue 18: a record timed under load is used (marked low) while the machine is still
     busy, and timed again once it is quiet."""
-    _cache_with({**FAKE_HOST, "load_per_core": 1.5, "load_avg_1m": 4.0, "cores": 2})
+    _cache_with({**FAKE_HOST, "load_per_core": 1.5, "busy_cpus": 4.0, "cores": 2})
     calls = _fake_timing(monkeypatch)
     monkeypatch.setattr(chip_host, "load_now", lambda: (3.0, 2, 1.0))  # still busy
     chip = chips.load_chip("cpu_host")
@@ -251,10 +251,10 @@ def test_peaks_measured_under_load_are_marked_low_and_retimed_when_quiet(monkeyp
 
 
 def test_load_per_core_leaves_out_this_process(monkeypatch):
-    monkeypatch.setattr(chip_host.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-    monkeypatch.setattr(chip_host, "_cores", lambda: 2)
-    assert chip_host.load_now() == (1.0, 2, 0.0)  # only this process running: quiet
-    monkeypatch.setattr(chip_host.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(chip_host, "busy_cpus", lambda: 0.0)  # only this process running
+    monkeypatch.setattr(chip_host, "usable_cpus", lambda: 2.0)
+    assert chip_host.load_now() == (0.0, 2.0, 0.0)
+    monkeypatch.setattr(chip_host, "busy_cpus", lambda: 2.0)
     assert chip_host.load_now()[2] == pytest.approx(1.0)
 
 

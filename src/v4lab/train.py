@@ -211,11 +211,17 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     """Run one experiment end to end; returns the metrics written to ``metrics.json``
     (by rank 0; other ranks of a multi-process run return them without writing)."""
     run_cfg = cfg if isinstance(cfg, RunConfig) else load_run_config(cfg)
+    t = run_cfg.trainer
+    # Threads first: the host's peaks (cpu_host) are timed at the run's own thread count.
+    threads = choose_threads(t.num_threads, t.devices if t.accelerator == "cpu" else 1)
+    if threads.threads:
+        torch.set_num_threads(threads.threads)
+        if t.world_size > 1:  # or Lightning sets cpu_count / processes threads per process
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads.threads))
     # The target chip decides the numerics: KV-cache dtype (or its fallback) and matmul dtype
     # (cpu_host's peaks are measured here); config.yaml records the model the run builds.
     requested_model = run_cfg.model
     run_cfg.model, matmul_dtype, notes = chips.build_numerics(run_cfg.chip, requested_model)
-    t = run_cfg.trainer
     t.check_hardware()
     rank_zero = distributed.is_rank_zero()
     run_dir = Path(run_dir)
@@ -224,11 +230,6 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
     if rank_zero:  # also what the extra local DDP processes start from
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     _quiet_lightning()
-    threads = choose_threads(t.num_threads, t.devices if t.accelerator == "cpu" else 1)
-    if threads.threads:
-        torch.set_num_threads(threads.threads)
-        if t.world_size > 1:  # or Lightning sets cpu_count / processes threads per process
-            os.environ.setdefault("OMP_NUM_THREADS", str(threads.threads))
     L.seed_everything(run_cfg.seed, workers=True, verbose=False)
 
     folder = prepare(run_cfg.data)

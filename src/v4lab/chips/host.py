@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from v4lab.io import atomic_write_json
+from v4lab.threads import busy_cpus, usable_cpus
 
 MAX_AGE_DAYS = 30.0
 MAX_LOAD_PER_CORE = 0.5
@@ -82,20 +83,12 @@ def copy_bandwidth(nbytes: int, budget_s: float) -> float:
 
 
 # ---- load ---------------------------------------------------------------------------------
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def load_now() -> tuple[float, int, float]:
-    """(1-minute load average, cores this process may use, other work per core).
-
-    The load average counts this process too (it is running), so one is taken off before
-    dividing: a quiet machine reads 0 whatever its core count."""
-    load, cores = os.getloadavg()[0], _cores()
-    return load, cores, max(0.0, load - 1.0) / cores
+def load_now() -> tuple[float, float, float]:
+    """(other runnable processes now, CPUs this process may use, other work per CPU), from
+    :mod:`v4lab.threads` (the same reading the thread policy uses; this process is left
+    out, so a quiet machine reads 0 whatever its core count)."""
+    busy, cpus = busy_cpus(), usable_cpus()
+    return busy, cpus, busy / cpus
 
 
 def _measure() -> dict[str, Any]:
@@ -110,7 +103,7 @@ def _measure() -> dict[str, Any]:
     }
     # the busier of before and after: a load that came or went while timing counts
     per_core = max(per_core, load_now()[2])
-    return m | {"load_avg_1m": load, "cores": cores, "load_per_core": per_core}
+    return m | {"busy_cpus": load, "cores": cores, "load_per_core": per_core}
 
 
 # ---- the cache ------------------------------------------------------------------------------
