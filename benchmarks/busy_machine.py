@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BUSY_LOOP = "import time\nend = time.time() + {s}\nx = 0\nwhile time.time() < end:\n    x += 1\n"
@@ -86,10 +88,7 @@ def main() -> None:
                      f"{v:,.0f} | {v / idle:.2f} |")
     ratio = rows["busy"]["speed/train_tokens_per_s"] / idle
     lines += ["", f"busy / idle with the default policy: **{ratio:.2f}** (acceptance: >= 0.33)."]
-    from v4lab.io import atomic_write_text
-
-    atomic_write_text(Path(a.out), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.publish(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
 - :func:`matmul_flops`: achieved FLOP/s of a square GEMM in a dtype at the current thread
   count (``v4lab.chips.host``, the timer that measures the ``cpu_host`` chip's peaks);
+- :func:`publish`: print a markdown report and write it atomically (``v4lab.io``);
 - :func:`forward_flops`, :func:`train_flops`: FLOPs per token of a v4lab ModelConfig from
   ``v4lab.accounting`` (the count the chips' projection and every run's
   ``cost/train_flops_per_token`` use): 2 per multiply-add, matrix products and attention.
@@ -11,12 +12,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from v4lab.accounting import forward_flops_per_token, train_flops_per_token
 from v4lab.chips.host import matmul_flops
+from v4lab.io import atomic_write_text
 
-__all__ = ["forward_flops", "matmul_flops", "train_flops"]
+__all__ = ["forward_flops", "matmul_flops", "publish", "train_flops"]
 
 
 def forward_flops(cfg: Any, keys: float, absorbed: bool = False) -> float:
@@ -30,3 +33,10 @@ def train_flops(cfg: Any, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) at ``seq_len``, causal attention:
     3x the forward for matrix products, 3.5x for the attention core."""
     return train_flops_per_token(cfg, seq_len)
+
+
+def publish(out: str | Path, lines: list[str]) -> None:
+    """Print a markdown report and write it to ``out`` atomically."""
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(Path(out), text)
+    print(text, end="")

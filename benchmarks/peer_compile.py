@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import peer_speed as ps
 import torch
 
@@ -72,7 +73,7 @@ def main() -> None:
         lines.append(f"| {name} | {med[name]:.3f} | {x.numel() / med[name]:,.0f} | {min(t):.3f}-{max(t):.3f} "
                      f"| {med['transformers'] / med[name]:.2f}x "
                      f"| {med['transformers (torch.compile)'] / med[name]:.2f}x |")
-    ps.publish(a.out, lines)
+    common.publish(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def main() -> None:
         lines.append(f"| {batch} x {seq:,} | {med['transformers']:.3f} | {med['v4lab']:.3f} "
                      f"| {tok / med['transformers']:,.0f} | {tok / med['v4lab']:,.0f} "
                      f"| {flops / 1e9:.1f} | {med['transformers'] / med['v4lab']:.2f}x |")
-    ps.publish(a.out, lines)
+    common.publish(a.out, lines)
 
 
 if __name__ == "__main__":

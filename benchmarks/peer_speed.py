@@ -44,7 +44,7 @@ import common
 import torch
 import torch.nn.functional as F
 
-from v4lab.io import atomic_write_text, git_rev
+from v4lab.io import git_rev
 from v4lab.model import Transformer
 from v4lab.peer import to_v4lab
 
@@ -179,13 +179,6 @@ def report_header(title: str, command: str, threads: int, load0, load1) -> list[
         "- config: benchmarks/peer_speed.py defaults (hidden 256, 4 layers, 16 routed experts "
         "top-4 + 1 shared, q/kv ranks 128), fp32, forward + backward of the LM loss",
     ]
-
-
-def publish(out: str, lines: list[str]) -> None:
-    """Print a markdown report and write it to ``out`` atomically."""
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(Path(out), text)
-    print(text, end="")
 
 
 def main() -> None:
@@ -435,7 +428,7 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         for phase, name, _, _, top in prof:
             lines.append(f"- {phase}, {name}: " + ", ".join(f"{op[6:]} {ms:.1f}" for op, ms in top))
         lines.append("")
-    publish(a.out, lines)
+    common.publish(a.out, lines)
 
 
 if __name__ == "__main__":
