@@ -7,31 +7,40 @@ is a frozen config that validates itself and draws batches from a numpy Generato
 
     probe = AssocRecall(seq_len=64, n_pairs=8)
     batch = probe.sample(np.random.default_rng(seed), batch=64)
-    batch.ids          [B, T] int64 token ids in [0, probe.vocab_size)
-    batch.answer_mask  [B, T] bool: True where ids[b, t] is an answer token; train with
-                       next-token loss on those positions only (logits at t-1 predict t)
-    batch.chance       accuracy of a uniform guess over the answer space (probe.chance)
+    batch.ids          [B, T] int64 token ids in [0, probe.vocab_size): the model's input
+    batch.targets      [B, T] int64: the answer the logits at position t must give, IGNORE
+                       (-1) where nothing is asked; train and score on those positions only
+    batch.answer_mask  targets != IGNORE
+    batch.chance       accuracy of a uniform guess over the answer vocabulary (probe.chance)
 
-Probes (chance = 1 / size of the answer vocabulary, a uniform guess among the tokens the
-answer is drawn from):
+Answers of recall probes are *not* written into the input (the query is the last token
+before the answer; the slot after it is blank, as in Zoology's MQAR). Written answers
+would leak: with every key asked once, the values already answered can be struck out,
+and a model that never looks a key up reaches H(n)/n (0.34 for 8 pairs, measured on the
+lab's MHA) by elimination alone.
 
     AssocRecall       multi-query associative recall (Zoology's MQAR): n_pairs single-token
-                      key/value pairs at the start of the first half, the keys queried again
-                      (each at most once, random order) in the second half:
-                          k1 v1 k2 v2 ... kn vn . . . | . k3 [v3] . . k1 [v1] . .
+                      key/value pairs at the start of the first half, keys asked (each at
+                      most once, random order, random places) in the second half:
+                          k1 v1 k2 v2 ... kn vn . . . | . k3 . . . k1 . . k6 .
+                                                             [v3]    [v1]  [v6]
                       Attention variants differ in whether they can look a key up.
-    PositionalRecall  a run of distinct symbols ending in a marker, in random filler; at
-                      the end, distance tokens ask which symbol stood d positions before
-                      the marker:   f f s1 s2 ... sL M f f f ... D3 [s_{L-2}] D1 [sL]
+    PositionalRecall  a run of distinct symbols ending in a marker, in random filler; the
+                      last tokens are distance tokens asking which symbol stood d positions
+                      before the marker:   f f s1 s2 ... sL M f f f ... D3 D1
+                                                                       [s_{L-2}] [sL]
                       Position must survive in the values (VVPA).
     NGramFactsProbe   a fixed table of facts (key N-gram -> value token), drawn once from
-                      ``table_seed``, written into random filler; answering needs the table,
-                      not the context (no fact repeats within a sequence):
-                          f f a b [v_ab] f f c d [v_cd] f ...
+                      ``table_seed``, written as text into random filler; the value must
+                      come from the table (no fact repeats within a sequence):
+                          f f a b v_ab f f c d v_cd f ...
+                                 [v_ab]       [v_cd]
                       Engram's hashed N-gram memory vs parameters of an MoE; varying
                       n_facts measures facts-per-parameter capacity.
 
-(``.`` is the padding token 0, ``f`` random filler, ``[x]`` an answer position.)
+(``.`` is the blank token 0, ``f`` random filler, ``[x]`` the target at the token above.)
+Each probe also states ``baseline``: the best accuracy without doing the task's lookup
+(a uniform pick among the candidates in the context, or the table's majority value).
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ import numpy as np
 
 from v4lab.errors import require, require_positive
 
+IGNORE = -1  # target of a position where nothing is asked
+BLANK = 0    # the token in every probe's vocabulary that fills empty slots
+
 
 @dataclass
 class ProbeBatch:
@@ -50,9 +62,13 @@ class ProbeBatch:
     solver or an analysis may use (which keys were asked, distances, fact indices)."""
 
     ids: np.ndarray
-    answer_mask: np.ndarray
+    targets: np.ndarray
     chance: float
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer_mask(self) -> np.ndarray:
+        return self.targets != IGNORE
 
     @property
     def n_answers(self) -> int:
@@ -74,10 +90,11 @@ def _check_batch(batch: int) -> None:
 class AssocRecall:
     """Multi-query associative recall with single-token keys and values.
 
-    Vocabulary: 0 padding, 1..n_keys keys, n_keys+1..n_keys+n_values values. Keys are
-    distinct within a sequence, and so are values (so no answer appears twice in one
-    context). n_queries of the pairs (default all) are asked in the second half.
-    chance = 1 / n_values.
+    Vocabulary: 0 blank, 1..n_keys keys, n_keys+1..n_keys+n_values values. Keys are
+    distinct within a sequence, and so are values (each value occurs once in the context).
+    n_queries of the pairs (default all) are asked, each once, at random places of the
+    second half; the target at a query is its value. chance = 1 / n_values;
+    baseline = 1 / n_pairs (a value of the context picked without looking the key up).
     """
 
     seq_len: int = 64
@@ -115,13 +132,17 @@ class AssocRecall:
     def chance(self) -> float:
         return 1.0 / self.n_values
 
+    @property
+    def baseline(self) -> float:
+        return 1.0 / self.n_pairs
+
     def sample(self, rng: np.random.Generator, batch: int) -> ProbeBatch:
         """Meta: keys, values [B, n_pairs] (token ids, in the order written), asked
         [B, n_queries] (pair indices in the order asked)."""
         _check_batch(batch)
         T, n, q, half = self.seq_len, self.n_pairs, self.queries, self.seq_len // 2
-        ids = np.zeros((batch, T), dtype=np.int64)
-        mask = np.zeros((batch, T), dtype=bool)
+        ids = np.full((batch, T), BLANK, dtype=np.int64)
+        targets = np.full((batch, T), IGNORE, dtype=np.int64)
         keys = np.empty((batch, n), dtype=np.int64)
         vals = np.empty((batch, n), dtype=np.int64)
         asked = np.empty((batch, q), dtype=np.int64)
@@ -130,21 +151,21 @@ class AssocRecall:
             vals[b] = 1 + self.n_keys + rng.choice(self.n_values, size=n, replace=False)
             ids[b, 0:2 * n:2], ids[b, 1:2 * n:2] = keys[b], vals[b]
             asked[b] = rng.choice(n, size=q, replace=False)
-            starts = half + _slots(rng, T - half, q, 2)
-            ids[b, starts], ids[b, starts + 1] = keys[b, asked[b]], vals[b, asked[b]]
-            mask[b, starts + 1] = True
-        return ProbeBatch(ids, mask, self.chance, {"keys": keys, "values": vals, "asked": asked})
+            at = half + np.sort(rng.choice(T - half, size=q, replace=False))
+            ids[b, at], targets[b, at] = keys[b, asked[b]], vals[b, asked[b]]
+        return ProbeBatch(ids, targets, self.chance, {"keys": keys, "values": vals, "asked": asked})
 
 
 @dataclass(frozen=True)
 class PositionalRecall:
     """Which symbol stood exactly d positions before the marker?
 
-    Vocabulary: 0..n_filler-1 filler, then n_symbols symbols, the marker, and run_len
-    distance tokens D_1..D_run_len. A run of run_len distinct symbols ends right before
-    the marker, at a random place; the last 2 * n_queries tokens ask distinct distances
-    (D_d, answer). Filler is random over its own range, so each symbol of the run occurs
-    once before its query. chance = 1 / n_symbols.
+    Vocabulary: 0 blank (unused), 1..n_filler filler, then n_symbols symbols, the marker,
+    and run_len distance tokens D_1..D_run_len. A run of run_len distinct symbols ends
+    right before the marker, at a random place in random filler; the last n_queries tokens
+    ask distinct distances, each target the symbol d before the marker. Each symbol of the
+    run occurs once in the sequence. chance = 1 / n_symbols; baseline = 1 / run_len (a
+    symbol of the run picked without counting).
     """
 
     seq_len: int = 64
@@ -162,17 +183,17 @@ class PositionalRecall:
                 f"<= n_symbols={self.n_symbols} (the run's symbols are distinct)")
         require(self.n_queries <= self.run_len, f"{k}.n_queries", self.n_queries,
                 f"<= run_len={self.run_len} (each query asks a different distance)")
-        need = self.run_len + 1 + 2 * self.n_queries
+        need = self.run_len + 1 + self.n_queries
         require(need <= self.seq_len, f"{k}.seq_len", self.seq_len,
-                f">= run_len + 1 + 2 * n_queries = {need}")
+                f">= run_len + 1 + n_queries = {need}")
 
     @property
     def symbol0(self) -> int:
-        return self.n_filler
+        return 1 + self.n_filler
 
     @property
     def marker(self) -> int:
-        return self.n_filler + self.n_symbols
+        return self.symbol0 + self.n_symbols
 
     def distance_token(self, d: int) -> int:
         """Token id asking for distance d (1..run_len)."""
@@ -180,47 +201,47 @@ class PositionalRecall:
 
     @property
     def vocab_size(self) -> int:
-        return self.n_filler + self.n_symbols + 1 + self.run_len
+        return self.marker + 1 + self.run_len
 
     @property
     def chance(self) -> float:
         return 1.0 / self.n_symbols
 
+    @property
+    def baseline(self) -> float:
+        return 1.0 / self.run_len
+
     def sample(self, rng: np.random.Generator, batch: int) -> ProbeBatch:
         """Meta: marker [B] (position of the marker), distances [B, n_queries]."""
         _check_batch(batch)
         T, L, q = self.seq_len, self.run_len, self.n_queries
-        ids = rng.integers(0, self.n_filler, size=(batch, T))
-        mask = np.zeros((batch, T), dtype=bool)
+        ids = 1 + rng.integers(0, self.n_filler, size=(batch, T)).astype(np.int64)
+        targets = np.full((batch, T), IGNORE, dtype=np.int64)
         marker = np.empty(batch, dtype=np.int64)
         dist = np.empty((batch, q), dtype=np.int64)
-        qpos = T - 2 * q + 2 * np.arange(q)  # distance tokens; answers follow them
+        at = np.arange(T - q, T)  # the distance tokens
         for b in range(batch):
-            start = int(rng.integers(0, T - 2 * q - L - 1 + 1))
-            m = start + L
-            ids[b, start:m] = self.symbol0 + rng.choice(self.n_symbols, size=L, replace=False)
+            m = int(rng.integers(L, T - q))  # the run fills m-L..m-1, the marker sits at m
+            ids[b, m - L:m] = self.symbol0 + rng.choice(self.n_symbols, size=L, replace=False)
             ids[b, m] = self.marker
             marker[b] = m
             dist[b] = 1 + rng.choice(L, size=q, replace=False)
-            ids[b, qpos] = self.marker + dist[b]
-            ids[b, qpos + 1] = ids[b, m - dist[b]]
-            mask[b, qpos + 1] = True
-        return ProbeBatch(ids.astype(np.int64), mask, self.chance,
-                          {"marker": marker, "distances": dist})
+            ids[b, at] = self.marker + dist[b]
+            targets[b, at] = ids[b, m - dist[b]]
+        return ProbeBatch(ids, targets, self.chance, {"marker": marker, "distances": dist})
 
 
 @dataclass(frozen=True)
 class NGramFactsProbe:
     """A fixed table of n_facts facts (key N-gram -> value token) recalled from memory.
 
-    Vocabulary: 0..n_filler-1 filler, then n_key_tokens key tokens, then n_values value
-    tokens. The table is drawn once from ``table_seed``: n_facts distinct keys of key_len
-    key tokens, each with a value drawn uniformly (values may repeat across facts). A
-    sequence is random filler with facts_per_seq distinct facts written as key then value.
-    The ranges are disjoint, so a key N-gram occurs only where a fact was written, and
-    the value never occurs in the context before it: it must come from the weights.
-    chance = 1 / n_values (a uniform guess; the table's most frequent value,
-    :attr:`majority`, is the best constant guess).
+    Vocabulary: 0 blank (unused), 1..n_filler filler, then n_key_tokens key tokens, then
+    n_values value tokens. The table is drawn once from ``table_seed``: n_facts distinct
+    keys of key_len key tokens, each with a value drawn uniformly (values may repeat across
+    facts). A sequence is random filler with facts_per_seq distinct facts written as key
+    then value; the target at a key's last token is its value. The ranges are disjoint, so
+    a key N-gram occurs only where a fact was written. chance = 1 / n_values; baseline =
+    the table's most frequent value's share (the best constant guess).
     """
 
     seq_len: int = 64
@@ -249,20 +270,27 @@ class NGramFactsProbe:
         rng = np.random.default_rng([self.table_seed, 0xFAC7])
         codes = rng.choice(space, size=self.n_facts, replace=False)
         digits = (codes[:, None] // self.n_key_tokens ** np.arange(self.key_len)[::-1]) % self.n_key_tokens
-        object.__setattr__(self, "keys", (self.n_filler + digits).astype(np.int64))
-        object.__setattr__(self, "values", (self.n_filler + self.n_key_tokens
-                                            + rng.integers(0, self.n_values, size=self.n_facts)))
+        object.__setattr__(self, "keys", (self.key0 + digits).astype(np.int64))
+        object.__setattr__(self, "values", self.value0 + rng.integers(0, self.n_values, size=self.n_facts))
+
+    @property
+    def key0(self) -> int:
+        return 1 + self.n_filler
+
+    @property
+    def value0(self) -> int:
+        return self.key0 + self.n_key_tokens
 
     @property
     def vocab_size(self) -> int:
-        return self.n_filler + self.n_key_tokens + self.n_values
+        return self.value0 + self.n_values
 
     @property
     def chance(self) -> float:
         return 1.0 / self.n_values
 
     @property
-    def majority(self) -> float:
+    def baseline(self) -> float:
         """Accuracy of always answering the table's most frequent value."""
         return float(np.bincount(self.values).max()) / self.n_facts
 
@@ -270,8 +298,8 @@ class NGramFactsProbe:
         """Meta: facts [B, facts_per_seq] (table rows written, in sequence order)."""
         _check_batch(batch)
         T, n, w = self.seq_len, self.facts_per_seq, self.key_len + 1
-        ids = rng.integers(0, self.n_filler, size=(batch, T)).astype(np.int64)
-        mask = np.zeros((batch, T), dtype=bool)
+        ids = 1 + rng.integers(0, self.n_filler, size=(batch, T)).astype(np.int64)
+        targets = np.full((batch, T), IGNORE, dtype=np.int64)
         facts = np.empty((batch, n), dtype=np.int64)
         for b in range(batch):
             facts[b] = rng.choice(self.n_facts, size=n, replace=False)
@@ -279,8 +307,8 @@ class NGramFactsProbe:
             for j in range(self.key_len):
                 ids[b, starts + j] = self.keys[facts[b], j]
             ids[b, starts + self.key_len] = self.values[facts[b]]
-            mask[b, starts + self.key_len] = True
-        return ProbeBatch(ids, mask, self.chance, {"facts": facts})
+            targets[b, starts + self.key_len - 1] = self.values[facts[b]]
+        return ProbeBatch(ids, targets, self.chance, {"facts": facts})
 
 
 PROBES = {p.NAME: p for p in (AssocRecall, PositionalRecall, NGramFactsProbe)}
