@@ -4,7 +4,8 @@ The probes (``v4lab.data.probes``) are small enough that a 2-layer model learns 
 one CPU thread. Loss and accuracy count only the asked positions: the logits at t must
 give ``targets[t]``, greedy argmax over the whole vocabulary.
 Accuracy is measured on held-out sequences drawn from a separate stream of the same seed
-(teacher-forced full forward pass), with a Clopper-Pearson interval.
+(one full forward pass, or token by token through the decode caches), with a
+Clopper-Pearson interval.
 
     model = Transformer(ModelConfig(vocab_size=probe.vocab_size, ...))
     result = train_probe(model, AssocRecall(seq_len=64, n_pairs=8), steps=300)
@@ -110,10 +111,11 @@ def train_probe(model: nn.Module, probe, steps: int = 300, batch: int = 64, lr: 
                 weight_decay: float = 0.0, warmup: int = 0, seed: int = 0, eval_sequences: int = 256,
                 eval_every: int = 0, betas: tuple[float, float] = (0.9, 0.95),
                 clip: float | None = 1.0) -> ProbeResult:
-    """AdamW (betas 0.9/0.95) on the answer loss at a constant ``lr`` after a linear warm-up
-    of ``warmup`` steps, gradients clipped at norm 1. Fresh sequences every step from
-    ``seed``'s training stream; held-out accuracy every ``eval_every`` steps (0: only at the
-    end) on ``eval_sequences`` sequences of the evaluation stream.
+    """AdamW (``betas``, the model's own parameter groups when it has them) on the answer
+    loss at a constant ``lr`` after a linear warm-up of ``warmup`` steps, gradients clipped
+    at norm ``clip`` (None: off). Fresh sequences every step from ``seed``'s training
+    stream; held-out accuracy every ``eval_every`` steps (0: only at the end) on
+    ``eval_sequences`` sequences of the evaluation stream. wall_s counts the evaluations.
 
     The model's initialisation is the caller's (seed torch before building it).
     """
