@@ -34,23 +34,13 @@ from typing import Any
 
 import polars as pl
 
+from v4lab import metrics as registry
 from v4lab.errors import ConfigError
 from v4lab.io import atomic_write_text, git_rev
 from v4lab.studies import RUN_BASES, Study, available_studies, find_root, load_study
 
 ALPHA = 0.05  # two-sided: 95% confidence intervals, "significant" means p < ALPHA
 REPORTS = "reports"
-# Relative tolerance of `check` per metric prefix (first match wins): quality is
-# deterministic on CPU up to float summation order; speed and time depend on the machine.
-TOLERANCES: tuple[tuple[str, float], ...] = (
-    ("speed/", 0.5), ("time/", 1.0), ("cost/", 1e-9), ("chip/", 1e-6), ("", 1e-3))
-P_TOLERANCE = 0.02  # absolute, for p-values
-UNITS = {
-    "bpb": "bits/byte", "loss": "nats/token", "answer_loss": "nats/token",
-    "kv_bytes_per_token": "bytes/token",
-    "train_flops_per_token": "FLOP/token", "params_total": "parameters",
-    "params_active": "parameters", "train_tokens_per_s": "tokens/s", "acc": "accuracy",
-}
 
 
 class ReportError(ConfigError):
@@ -248,11 +238,6 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
 # --- figures ----------------------------------------------------------------------------------
 
 
-def _label(metric: str) -> str:
-    unit = UNITS.get(metric.rsplit("/", 1)[-1])
-    return f"{metric} ({unit})" if unit else metric
-
-
 def _curves(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]]) -> pl.DataFrame | None:
     frames = []
     for folder, m in runs.values():
@@ -299,7 +284,7 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
             sns.lineplot(d, x="step", y=col, hue="experiment", hue_order=order, palette=palette,
                          errorbar=("ci", 95) if len(study.seeds) > 1 else None, seed=0, marker="o",
                          markersize=3, ax=ax, legend=ax is axes[0][-1])
-            ax.set(xlabel="training step", ylabel=_label(col), title=col)
+            ax.set(xlabel="training step", ylabel=registry.label(col), title=col)
             if col == "train/answer_loss":  # a uniform guess over the 10 digits
                 ax.axhline(math.log(10), color="grey", ls="--", lw=1, label="chance (ln 10)")
         leg = axes[0][-1].get_legend()
@@ -333,7 +318,8 @@ def figures(study: Study, runs: dict[str, tuple[Path, dict[str, Any]]], out: Pat
                 ax.set_xscale("log")
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             ax.xaxis.set_major_locator(MaxNLocator(5))
-            ax.set(xlabel=_label(c), ylabel=_label(quality), title=f"{quality} vs {c.split('/', 1)[1]}")
+            ax.set(xlabel=registry.label(c), ylabel=registry.label(quality),
+                   title=f"{quality} vs {c.split('/', 1)[1]}")
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, title="experiment", loc="upper left", bbox_to_anchor=(1.0, 0.95))
         fig.suptitle(f"{study.name}: cost vs quality (lower is better on both axes; bars: 95% CI)")
@@ -593,23 +579,13 @@ def save_dashboards(study: Study, entity: str, state: Path) -> dict[str, str]:
 
 
 def _tolerance(column: str) -> float:
-    metric = column.rsplit(" ", 1)[0]
-    return next(t for prefix, t in TOLERANCES if metric.startswith(prefix))
+    return registry.tolerance(column.rsplit(" ", 1)[0])
 
 
 def _cell_tolerance(col: str, a: float, b: float, row: dict[str, Any]) -> float:
-    """How far a rebuilt cell may move. Means move by their metric's relative tolerance.
-    A delta or CI half-width is a *difference* of such values, so a relative tolerance on
-    itself is meaningless when it is tiny (two runs 1e-6 apart on one CPU and 3e-6 on
-    another): it gets an absolute one, twice the relative tolerance of the row's mean
-    (each operand of the difference may move by that much). p-values: absolute."""
-    if col.endswith(" p"):
-        return P_TOLERANCE
-    metric, _, stat = col.rpartition(" ")
-    rel = _tolerance(col)
-    if stat in ("delta", "ci95") and _is_number(row.get(f"{metric} mean")):
-        return 2 * rel * abs(row[f"{metric} mean"]) + 1e-12
-    return rel * max(abs(a), abs(b)) + 1e-12
+    """How far a rebuilt cell may move (:func:`v4lab.metrics.cell_tolerance`)."""
+    mean = row.get(f"{col.rpartition(' ')[0]} mean")
+    return registry.cell_tolerance(col, a, b, float(mean) if _is_number(mean) else None)
 
 
 def compare(rebuilt: pl.DataFrame, reference: pl.DataFrame) -> list[str]:
@@ -760,7 +736,7 @@ def _dvc_stages(root: Path) -> dict[str, Any]:
         files = [f"outputs/{name}/{r.name}/curves.csv" for r in load_study(name, root).runs()]
         plots.append({f"{name}: validation bits per byte": {
             "x": "step", "y": {f: "val/bpb" for f in files}, "x_label": "training step",
-            "y_label": "val/bpb (bits/byte)", "template": "linear"}})
+            "y_label": registry.label("val/bpb"), "template": "linear"}})
         if any(m.startswith("task/") for m in load_study(name, root).metrics):
             plots.append({f"{name}: accuracy vs context length": {
                 "x": "context", "y": {f"reports/figures/{name}/context_length.csv": "accuracy"},
@@ -799,9 +775,9 @@ def main(argv: list[str] | None = None) -> int:
             moved = check(study, root, args.reference)
             for line in moved:
                 print(line)
-            tol = ", ".join(f"{p or 'other'} {t:g}" for p, t in TOLERANCES)
-            print(f"{study.name}: {len(moved)} cell(s) moved (relative tolerance: {tol}; p-values "
-                  f"{P_TOLERANCE} absolute)")
+            print(f"{study.name}: {len(moved)} cell(s) moved (relative tolerance per metric: "
+                  f"src/v4lab/metrics.py; deltas and CI half-widths absolute, p-values "
+                  f"{registry.P_TOLERANCE} absolute)")
             return 1 if moved else 0
         elif args.cmd == "index":
             print(write_index(root))
