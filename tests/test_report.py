@@ -16,10 +16,13 @@ import polars as pl
 import pytest
 import yaml
 
-from v4lab import report
 from v4lab.errors import ConfigError
-from v4lab.report import ReportError, build, compare, mean_ci, summarize, welch_p
-from v4lab.studies import load_study
+from v4lab.report.check import compare
+from v4lab.report.publish import build
+from v4lab.report.runs import ReportError, load_runs
+from v4lab.report.stats import mean_ci, welch_p
+from v4lab.report.table import summarize
+from v4lab.studies import dvcyaml, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +98,7 @@ def _fake_root(tmp_path: Path, metrics: list[str] | None = None, skip: str = "")
 
 def test_table_means_ci_delta_and_significance(tmp_path):
     root, study = _fake_root(tmp_path)
-    runs = report.load_runs(study, root)
+    runs = load_runs(study, root)
     table = {r["experiment"]: r for r in summarize(study, runs).iter_rows(named=True)}
     mha, base = table["mha"], table["baseline"]
     assert mha["val/bpb mean"] == pytest.approx(2.55) and base["val/bpb mean"] == pytest.approx(3.1)
@@ -153,7 +156,7 @@ def test_bad_study_is_refused_and_nothing_is_written(tmp_path, monkeypatch, brea
 
 def test_check_prints_every_moved_cell(tmp_path):
     root, study = _fake_root(tmp_path)
-    table = summarize(study, report.load_runs(study, root))
+    table = summarize(study, load_runs(study, root))
     moved = table.with_columns(pl.when(pl.col("experiment") == "mha").then(pl.col("val/bpb mean") * 1.01)
                                .otherwise(pl.col("val/bpb mean")).alias("val/bpb mean"))
     lines = compare(moved, table)
@@ -167,7 +170,7 @@ def test_check_tolerates_round_off_in_a_tiny_delta_across_cpus(tmp_path):
     `full / val/loss delta` because a relative tolerance was applied to a difference of
     1e-6. A delta may move by twice its mean's tolerance; a real move is still caught."""
     root, study = _fake_root(tmp_path)
-    table = summarize(study, report.load_runs(study, root))
+    table = summarize(study, load_runs(study, root))
     mean = table.filter(pl.col("experiment") == "mha")["val/bpb mean"].item()
 
     def with_delta(delta: float) -> pl.DataFrame:
@@ -184,11 +187,11 @@ def test_check_tolerates_round_off_in_a_tiny_delta_across_cpus(tmp_path):
 
 @pytest.fixture(scope="module")
 def stages() -> dict:
-    return report.dvc_stages(ROOT)
+    return dvcyaml.dvc_stages(ROOT)
 
 
 def test_committed_dvc_yaml_is_generated_from_the_studies(stages):
-    assert (ROOT / "dvc.yaml").read_text() == report.DVC_HEADER + yaml.safe_dump(
+    assert (ROOT / "dvc.yaml").read_text() == dvcyaml.DVC_HEADER + yaml.safe_dump(
         stages, sort_keys=False, width=1000), "dvc.yaml is stale: run python -m v4lab.report dvc-yaml"
     cfg = (ROOT / ".dvc" / "config").read_text()
     assert "analytics = false" in cfg and "check_update = false" in cfg
@@ -262,4 +265,4 @@ def test_dvc_yaml_refuses_a_bad_study(tmp_path, change, message):
         "name": "bad", "experiments": ["baseline"], "seeds": [0], "baseline": "baseline",
         "metrics": ["val/bpb"], **change}))
     with pytest.raises(ConfigError, match=message):
-        report.dvc_stages(tmp_path)
+        dvcyaml.dvc_stages(tmp_path)
