@@ -10,8 +10,9 @@ import v4lab.report as report
 from v4lab import metrics as registry
 from v4lab.errors import ConfigError
 from v4lab.io import atomic_write_text
+from v4lab.report import swap
 from v4lab.report.check import check
-from v4lab.report.publish import build, write_index
+from v4lab.report.publish import REPORTS, build, write_index
 from v4lab.studies.dvcyaml import dvc_yaml_text
 from v4lab.studies.manifests import find_root, load_study
 
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "check":
             return _check(args, root)
         elif args.cmd == "index":
-            print(write_index(root))
+            reports = root / REPORTS
+            if reports.is_dir():  # what a killed build left: finish or remove it
+                swap.recover(reports, lambda: write_index(root, reports))
+            print(write_index(root, reports))
         else:
             return _dvc_yaml(args, root)
     except ConfigError as e:

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from v4lab.io import atomic_write_text, git_rev
+from v4lab.report import swap
 from v4lab.report.dashboards import log_to_wandb
 from v4lab.report.figures import draw
 from v4lab.report.runs import Runs, load_runs
@@ -23,49 +21,51 @@ REPORTS = "reports"
 
 
 def build(study: Study, root: Path, reports: Path | None = None) -> Path:
-    """Publish ``study``: reports/S.md, S.csv, S.json and figures/S/*.png, then the index.
-    Everything is built in a temporary folder first: an error leaves reports/ untouched."""
+    """Publish ``study``: reports/S.md, S.csv, S.json and figures/S/*.png, then the index,
+    as one change (:mod:`v4lab.report.swap`). Everything is built in a stage folder first:
+    a refusal or an error while drawing leaves reports/ untouched; what an earlier killed
+    build left is finished or removed first."""
     t0 = time.perf_counter()
     reports = reports or root / REPORTS
     runs = load_runs(study, root)
     table = summarize(study, runs)
     reports.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{study.name}-", dir=reports))
+
+    def reindex() -> None:
+        write_index(root, reports)
+
+    swap.recover(reports, reindex)
+    stage = swap.new_stage(reports, study.name)
     try:
-        fig_dir = tmp / "figures"
-        fig_dir.mkdir()
-        made = draw(study, runs, fig_dir)
-        table_md = markdown_table(study, table)
-        records = [m for _, m in runs.values()]
-        prov = {
-            "study": study.name, "description": study.description, "baseline": study.baseline,
-            "experiments": study.experiments, "seeds": study.seeds, "metrics": study.metrics,
-            "overrides": study.overrides, "runs": len(runs),
-            "run_git_revs": sorted({str(m.get("git_rev", "unknown")) for m in records}),
-            "report_git_rev": git_rev(root),
-            "corpus_sha256": sorted({str(m.get("corpus_sha256", "unknown")) for m in records}),
-            "data_manifests": sorted({str(p.relative_to(root)) for p in _data_manifests(runs, root)}),
-            "train_seconds_total": round(sum(float(m.get("time/train_s", 0.0)) for m in records), 1),
-            "figures": [{"file": f"figures/{study.name}/{n}", "caption": c} for n, c in made],
-            "table_md": table_md,
-        }
+        made = draw(study, runs, stage / "figures")
+        prov = provenance(study, runs, made, markdown_table(study, table), root)
         prov["report_seconds"] = round(time.perf_counter() - t0, 1)
-        table.write_csv(tmp / "table.csv", float_precision=10)
-        (tmp / "table.md").write_text(study_markdown(study, prov))
-        (tmp / "prov.json").write_text(json.dumps(prov, indent=2) + "\n")
-        final_figs = reports / "figures" / study.name
-        final_figs.parent.mkdir(parents=True, exist_ok=True)
-        if final_figs.exists():
-            shutil.rmtree(final_figs)
-        os.replace(fig_dir, final_figs)
-        os.replace(tmp / "table.csv", reports / f"{study.name}.csv")
-        os.replace(tmp / "table.md", reports / f"{study.name}.md")
-        os.replace(tmp / "prov.json", reports / f"{study.name}.json")
+        table.write_csv(stage / f"{study.name}.csv", float_precision=10)
+        (stage / f"{study.name}.json").write_text(json.dumps(prov, indent=2) + "\n")
+        (stage / f"{study.name}.md").write_text(study_markdown(study, prov))
+        swap.commit(stage, reports, study.name, reindex)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_index(root, reports)
+        swap.cleanup(stage, reports, reindex)
     log_to_wandb(study, table, reports, root)
     return reports / f"{study.name}.md"
+
+
+def provenance(study: Study, runs: Runs, made: list[tuple[str, str]], table_md: str,
+               root: Path) -> dict[str, Any]:
+    """What ``S.json`` records: the study, the code and data it was made from, the table."""
+    records = [m for _, m in runs.values()]
+    return {
+        "study": study.name, "description": study.description, "baseline": study.baseline,
+        "experiments": study.experiments, "seeds": study.seeds, "metrics": study.metrics,
+        "overrides": study.overrides, "runs": len(runs),
+        "run_git_revs": sorted({str(m.get("git_rev", "unknown")) for m in records}),
+        "report_git_rev": git_rev(root),
+        "corpus_sha256": sorted({str(m.get("corpus_sha256", "unknown")) for m in records}),
+        "data_manifests": sorted({str(p.relative_to(root)) for p in _data_manifests(runs, root)}),
+        "train_seconds_total": round(sum(float(m.get("time/train_s", 0.0)) for m in records), 1),
+        "figures": [{"file": f"figures/{study.name}/{n}", "caption": c} for n, c in made],
+        "table_md": table_md,
+    }
 
 
 def _data_manifests(runs: Runs, root: Path) -> list[Path]:

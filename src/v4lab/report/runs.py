@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from v4lab import metrics as registry
 from v4lab.errors import ConfigError
 from v4lab.report.stats import is_number
 from v4lab.studies.finder import RUN_BASES, scan
@@ -43,8 +44,25 @@ def load_runs(study: Study, root: Path) -> Runs:
     return found.runs
 
 
+def check_finite(study: Study, runs: Runs) -> None:
+    """No run holds a non-finite number where a good run writes a finite one: a registered
+    quality, cost, speed or time metric (:func:`v4lab.metrics.must_be_finite`) or a table
+    column. NaN there means a failed run, or a finished run rerun into an empty resume
+    (issue 18: train/loss and speed/train_tokens_per_s NaN), which the table would
+    otherwise show as "n/a"."""
+    bad = [f"{folder / 'metrics.json'}: {key}={v!r}"
+           for folder, m in runs.values() for key, v in m.items()
+           if is_number(v) and not math.isfinite(v)
+           and (registry.must_be_finite(key) or key in study.metrics)]
+    if bad:
+        raise ReportError(f"study {study.name!r}: refusing non-finite metrics (a failed run, or a "
+                          "finished run rerun into an empty resume); delete those run folders and "
+                          "rerun them:\n  " + "\n  ".join(bad))
+
+
 def check_metrics(study: Study, runs: Runs) -> None:
-    """Every metric column is produced by every run (numbers, or one string per experiment)."""
+    """Every metric column is produced by every run (numbers, or one string per experiment),
+    and no metric a good run writes as a finite number is NaN or infinite."""
     for metric in study.metrics:
         lacking = [str(folder / "metrics.json") for folder, m in runs.values() if metric not in m]
         if len(lacking) == len(runs):
@@ -59,6 +77,4 @@ def check_metrics(study: Study, runs: Runs) -> None:
             if not (is_number(v) or isinstance(v, str)):
                 raise ReportError(f"{folder / 'metrics.json'}: {metric}={v!r} is neither a number "
                                   "nor a string")
-            if is_number(v) and not math.isfinite(v) and not metric.startswith("speed/"):
-                raise ReportError(f"{folder / 'metrics.json'}: {metric}={v!r} is not finite (a "
-                                  "failed run?); rerun it")
+    check_finite(study, runs)
