@@ -155,3 +155,15 @@ def test_labels_name_the_unit():
     assert metrics.label("val/bpb") == "val/bpb (bits/byte)"
     assert metrics.label("cost/params_active") == "cost/params_active (parameters)"
     assert metrics.label("val/nope") == "val/nope"
+
+
+def test_key_fills_a_registered_pattern_and_refuses_typos():
+    assert metrics.key("task/<task>@<context>/acc", task="niah_single", context=1024) == \
+        "task/niah_single@1024/acc"
+    assert metrics.key("val/bpb") == "val/bpb"
+    with pytest.raises(KeyError, match="not a registered metric"):
+        metrics.key("val/bpbb")
+    with pytest.raises(KeyError, match="fill in <context>"):
+        metrics.key("task/<task>@<context>/acc", task="x")
+    with pytest.raises(KeyError, match="has no <ctx>"):
+        metrics.key("task/<task>@<context>/acc", task="x", ctx=1)

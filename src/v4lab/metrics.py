@@ -16,7 +16,7 @@ Tolerances are *relative*, per metric (the values ``report check`` has always us
 - chip (roofline projections from the profile's figures): float64 arithmetic: 1e-6;
 - speed and time: wall clock of a shared machine: 0.5 and 1.0.
 
-Which figures a table cell derived from a metric may move by is :func:`cell_tolerance`.
+How far a table cell derived from a metric may move: :func:`cell_tolerance`.
 """
 
 from __future__ import annotations
@@ -157,6 +157,22 @@ def metric(name: str) -> Metric:
         if m.matches(name):
             return m
     raise KeyError(f"{name!r} is not a registered metric (src/v4lab/metrics.py)")
+
+
+def key(pattern: str, **parts: object) -> str:
+    """The metric name of a registered ``pattern`` with its ``<placeholders>`` filled in:
+    ``key("task/<task>@<context>/acc", task="niah_single", context=1024)``. Writers use this
+    (or a registered exact name) instead of a loose string, so a typo fails at once."""
+    if pattern not in _EXACT and pattern not in {m.name for m in _PATTERNS}:
+        raise KeyError(f"{pattern!r} is not a registered metric (src/v4lab/metrics.py)")
+    name = pattern
+    for part, value in parts.items():
+        if f"<{part}>" not in name:
+            raise KeyError(f"{pattern!r} has no <{part}>")
+        name = name.replace(f"<{part}>", str(value))
+    if "<" in name:
+        raise KeyError(f"{pattern!r}: fill in {', '.join(re.findall(r'<[^>]+>', name))}")
+    return name
 
 
 def known(name: str) -> bool:
