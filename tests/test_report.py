@@ -3,9 +3,11 @@ figures, the check command, the generated dvc.yaml, and `dvc repro smoke` end to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +18,14 @@ import polars as pl
 import pytest
 import yaml
 
-from v4lab import report
 from v4lab.errors import ConfigError
-from v4lab.report import ReportError, build, compare, mean_ci, summarize, welch_p
-from v4lab.studies import load_study
+from v4lab.report import publish
+from v4lab.report.check import compare
+from v4lab.report.publish import build
+from v4lab.report.runs import ReportError, load_runs
+from v4lab.report.stats import mean_ci, welch_p
+from v4lab.report.table import summarize
+from v4lab.studies import dvcyaml, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +101,7 @@ def _fake_root(tmp_path: Path, metrics: list[str] | None = None, skip: str = "")
 
 def test_table_means_ci_delta_and_significance(tmp_path):
     root, study = _fake_root(tmp_path)
-    runs = report.load_runs(study, root)
+    runs = load_runs(study, root)
     table = {r["experiment"]: r for r in summarize(study, runs).iter_rows(named=True)}
     mha, base = table["mha"], table["baseline"]
     assert mha["val/bpb mean"] == pytest.approx(2.55) and base["val/bpb mean"] == pytest.approx(3.1)
@@ -151,9 +157,130 @@ def test_bad_study_is_refused_and_nothing_is_written(tmp_path, monkeypatch, brea
     assert not (root / "reports").exists() or not any((root / "reports").iterdir())
 
 
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("key", ["train/loss", "speed/train_tokens_per_s", "val/bpb"])
+def test_report_refuses_a_metrics_json_with_nan_quality_or_speed(tmp_path, monkeypatch, key):
+    """Issue 18: a finished run rerun into an empty resume writes train/loss and
+    speed/train_tokens_per_s = NaN; the report showed "n/a". Now it refuses, naming the file
+    and the key, and the published study stays as it was."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(publish, "draw", fake_draw)
+    root, study = _fake_root(tmp_path, ["val/bpb", "speed/train_tokens_per_s"])
+    for d in (root / "outputs" / "mini").iterdir():  # a good study first
+        m = json.loads((d / "metrics.json").read_text())
+        m |= {"train/loss": 4.0, "speed/train_tokens_per_s": 900.0}
+        (d / "metrics.json").write_text(json.dumps(m))
+    build(study, root)
+    before = _hashes(root / "reports")
+    path = root / "outputs" / "mini" / "mha-s2" / "metrics.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: math.nan}))
+    with pytest.raises(ReportError, match=rf"refusing non-finite metrics.*\n  {path}: {key}=nan$"):
+        build(study, root)
+    assert _hashes(root / "reports") == before
+
+
+def fake_draw(study, runs, out: Path) -> list[tuple[str, str]]:
+    """Stands in for figures.draw in the publishing tests (figures are tested above): one
+    figure per experiment, and a task figure when the runs hold task accuracies."""
+    made = []
+    for e in study.experiments:
+        (out / f"{e}.png").write_bytes(f"{e} {sorted(runs)}".encode())
+        made.append((f"{e}.png", f"figure of {e}"))
+    if any("task/copy@64/acc" in m for _, m in runs.values()):
+        (out / "tasks.png").write_bytes(b"tasks")
+        made.append(("tasks.png", "tasks"))
+    return made
+
+
+def _links_resolve(reports: Path) -> None:
+    """Every figure the published tables and the index link exists."""
+    for md in [*reports.glob("*.md")]:
+        for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md.read_text()):
+            assert (reports / link).is_file(), f"{md.name} links {link}, which is missing"
+
+
+KILL = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import test_report
+from v4lab.report import publish, swap
+from v4lab.studies import load_study
+publish.draw = test_report.fake_draw
+point = {point!r}
+def die(*a, **k):
+    os._exit(137)  # like SIGKILL: no finally, no cleanup
+def after(f):
+    def g(*a, **k):
+        f(*a, **k)
+        die()
+    return g
+if point == "drawing":
+    publish.draw = lambda study, runs, out: (test_report.fake_draw(study, runs, out), die())
+elif point == "figures_swapped":
+    swap.swap_figures = after(swap.swap_figures)
+elif point == "before_index":  # table, csv and json replaced; the index not yet
+    orig = swap.apply
+    swap.apply = lambda stage, reports, reindex: orig(stage, reports, die)
+from pathlib import Path
+publish.build(load_study({manifest!r}, Path({repo!r})), Path({root!r}))
+"""
+
+
+@pytest.mark.parametrize("point", ["drawing", "figures_swapped", "before_index"])
+def test_killed_report_build_leaves_a_consistent_study_and_the_next_build_cleans_up(
+        tmp_path, monkeypatch, point):
+    """Issue 18: a killed build left reports/.tmp-* folders, a stale index, or a figure
+    folder missing while the table links it. A build killed (SIGKILL-like) while drawing
+    changes nothing published; killed while committing, every link still resolves; the
+    next build removes or finishes what was left and publishes the new table."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(publish, "draw", fake_draw)
+    root, study = _fake_root(tmp_path)
+    build(study, root)  # published: with the task figure
+    reports = root / "reports"
+    before = _hashes(reports)
+    for d in (root / "outputs" / "mini").iterdir():  # new results: no task figure any more
+        m = json.loads((d / "metrics.json").read_text())
+        m = {k: v for k, v in m.items() if not k.startswith("task/")}
+        (d / "metrics.json").write_text(json.dumps(m | {"val/bpb": m["val/bpb"] + 1}))
+    script = KILL.format(tests=str(Path(__file__).parent), point=point, repo=str(ROOT), root=str(root),
+                         manifest=str(root / "experiments" / "mini.yaml"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 137, r.stderr[-2000:]
+    left = sorted(p.name for p in reports.glob(".tmp-*"))
+    assert len(left) == 1  # what SIGKILL leaves: one stage
+    _links_resolve(reports)
+    if point == "drawing":  # nothing was committed: the published study is untouched
+        assert {k: v for k, v in _hashes(reports).items() if not k.startswith(".tmp-")} == before
+    build(study, root)
+    assert not list(reports.glob(".tmp-*"))
+    _links_resolve(reports)
+    assert sorted(p.name for p in (reports / "figures" / "mini").iterdir()) == ["baseline.png", "mha.png"]
+    assert "| **baseline** (baseline) | 3 | 4.1000 ± " in (reports / "mini.md").read_text()
+    index = (reports / "README.md").read_text()
+    assert json.loads((reports / "mini.json").read_text())["table_md"] in index  # not stale
+    assert pl.read_csv(reports / "mini.csv")["val/bpb mean"].to_list() == pytest.approx([4.1, 3.55])
+
+
+def test_stale_stage_of_an_older_build_is_removed_by_the_next_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(publish, "draw", fake_draw)
+    root, study = _fake_root(tmp_path)
+    stale = root / "reports" / ".tmp-mini-abc123"  # the name an older build gave its temp folder
+    (stale / "figures").mkdir(parents=True)
+    (stale / "table.md").write_text("half a table")
+    build(study, root)
+    assert not stale.exists() and (root / "reports" / "mini.md").is_file()
+
+
 def test_check_prints_every_moved_cell(tmp_path):
     root, study = _fake_root(tmp_path)
-    table = summarize(study, report.load_runs(study, root))
+    table = summarize(study, load_runs(study, root))
     moved = table.with_columns(pl.when(pl.col("experiment") == "mha").then(pl.col("val/bpb mean") * 1.01)
                                .otherwise(pl.col("val/bpb mean")).alias("val/bpb mean"))
     lines = compare(moved, table)
@@ -167,7 +294,7 @@ def test_check_tolerates_round_off_in_a_tiny_delta_across_cpus(tmp_path):
     `full / val/loss delta` because a relative tolerance was applied to a difference of
     1e-6. A delta may move by twice its mean's tolerance; a real move is still caught."""
     root, study = _fake_root(tmp_path)
-    table = summarize(study, report.load_runs(study, root))
+    table = summarize(study, load_runs(study, root))
     mean = table.filter(pl.col("experiment") == "mha")["val/bpb mean"].item()
 
     def with_delta(delta: float) -> pl.DataFrame:
@@ -184,11 +311,11 @@ def test_check_tolerates_round_off_in_a_tiny_delta_across_cpus(tmp_path):
 
 @pytest.fixture(scope="module")
 def stages() -> dict:
-    return report.dvc_stages(ROOT)
+    return dvcyaml.dvc_stages(ROOT)
 
 
 def test_committed_dvc_yaml_is_generated_from_the_studies(stages):
-    assert (ROOT / "dvc.yaml").read_text() == report.DVC_HEADER + yaml.safe_dump(
+    assert (ROOT / "dvc.yaml").read_text() == dvcyaml.DVC_HEADER + yaml.safe_dump(
         stages, sort_keys=False, width=1000), "dvc.yaml is stale: run python -m v4lab.report dvc-yaml"
     cfg = (ROOT / ".dvc" / "config").read_text()
     assert "analytics = false" in cfg and "check_update = false" in cfg
@@ -262,4 +389,23 @@ def test_dvc_yaml_refuses_a_bad_study(tmp_path, change, message):
         "name": "bad", "experiments": ["baseline"], "seeds": [0], "baseline": "baseline",
         "metrics": ["val/bpb"], **change}))
     with pytest.raises(ConfigError, match=message):
-        report.dvc_stages(tmp_path)
+        dvcyaml.dvc_stages(tmp_path)
+
+
+def test_publish_without_an_atomic_exchange_still_replaces_the_figure_folder(tmp_path, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) is missing the figure folder is swapped by renames."""
+    from v4lab.report import swap
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(publish, "draw", fake_draw)
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: False)
+    root, study = _fake_root(tmp_path)
+    build(study, root)
+    for d in (root / "outputs" / "mini").iterdir():
+        m = json.loads((d / "metrics.json").read_text())
+        (d / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if not k.startswith("task/")}))
+    build(study, root)
+    reports = root / "reports"
+    assert sorted(p.name for p in (reports / "figures" / "mini").iterdir()) == ["baseline.png", "mha.png"]
+    assert not list(reports.glob(".tmp-*"))
+    _links_resolve(reports)

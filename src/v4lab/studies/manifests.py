@@ -1,4 +1,4 @@
-"""Studies: named sets of experiments x seeds that become one published table.
+"""Study manifests: named sets of experiments x seeds that become one published table.
 
 A study manifest is ``experiments/<name>.yaml``::
 
@@ -7,31 +7,14 @@ A study manifest is ``experiments/<name>.yaml``::
     experiments: [full, no_engram, no_vvpa, baseline]
     seeds: [0, 1, 2]
     baseline: baseline            # the row every other row is compared with
-    metrics: [val/bpb, cost/kv_bytes_per_token]   # the table's columns (metrics.json keys)
+    metrics: [val/bpb, cost/kv_bytes_per_token]   # the table's columns (v4lab.metrics names)
     overrides: [trainer=smoke]    # optional: applied to every run of the study
 
-The same manifest drives every engine: DVC expands it into one stage per run locally,
-and this module turns it into one Hydra multirun (``run.py -m``), which Hydra's
-launchers run sequentially, in parallel on this machine (``hydra/launcher=local``) or as
-a SLURM job array (``hydra/launcher=slurm``)::
-
-    python -m v4lab.studies list
-    python -m v4lab.studies run components --launcher slurm hydra.launcher.partition=gpu
-    python -m v4lab.studies run smoke --dry-run          # print the command only
-    python -m v4lab.studies status components            # which runs have metrics.json
-
-Every run of study ``S`` lands in ``<base>/S/<experiment>-s<seed>/`` with ``<base>``
-``multirun`` (a sweep) or ``outputs`` (one run at a time, e.g. a DVC stage), so the
-report step finds the runs whichever engine produced them (:func:`collect`).
+:func:`load_study` validates one; every error names the file, the key and the value.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +23,6 @@ import yaml
 
 from v4lab.errors import ConfigError
 
-LAUNCHERS = ("basic", "local", "slurm")
-RUN_BASES = ("multirun", "outputs")
 REQUIRED_KEYS = ("name", "experiments", "seeds", "baseline", "metrics")
 OPTIONAL_KEYS = ("description", "overrides")
 # Keys a study sets itself; an override of them would break the run <-> folder mapping.
@@ -167,84 +148,3 @@ def load_study(name_or_path: str, root: Path | None = None) -> Study:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     return parse_study(data, str(path), root)
-
-
-def multirun_command(study: Study, launcher: str = "basic", extra: list[str] | None = None) -> list[str]:
-    """The command that runs ``study`` as one Hydra multirun with ``launcher``."""
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"--launcher={launcher!r} is not allowed: one of {', '.join(LAUNCHERS)}")
-    for o in extra or []:
-        if o.split("=", 1)[0].lstrip("+~") in ("experiment", "seed", "study"):
-            raise ConfigError(f"override {o!r} is not allowed: the study sets experiment, seed "
-                              "and study (write another study manifest instead)")
-    launch = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
-    return [sys.executable, "run.py", *study.multirun_args(), *launch, *(extra or [])]
-
-
-def collect(study: Study, root: Path | None = None, bases: tuple[str, ...] = RUN_BASES
-            ) -> tuple[dict[str, dict], list[str]]:
-    """The runs of ``study`` that finished: ({run name: metrics.json contents}, [missing]).
-
-    Looks in ``<root>/<base>/<study>/<run>/metrics.json`` for each base in order (a sweep,
-    then one-at-a-time runs); the first found wins.
-    """
-    root = root or find_root()
-    found: dict[str, dict] = {}
-    missing: list[str] = []
-    for run in study.runs():
-        for base in bases:
-            path = root / base / study.name / run.name / "metrics.json"
-            if path.is_file():
-                found[run.name] = json.loads(path.read_text())
-                break
-        else:
-            missing.append(run.name)
-    return found, missing
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m v4lab.studies", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="the study manifests in experiments/")
-    p_run = sub.add_parser("run", help="run a study as one Hydra multirun")
-    p_run.add_argument("study")
-    p_run.add_argument("--launcher", default="basic", help=f"one of {', '.join(LAUNCHERS)} "
-                       "(basic: one run after another; local: parallel on this machine; slurm: a job array)")
-    p_run.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-    p_run.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    p_status = sub.add_parser("status", help="which runs of a study have a metrics.json")
-    p_status.add_argument("study")
-    args, unknown = parser.parse_known_args(argv)
-    if args.cmd != "run" and unknown or any(u.startswith("-") for u in unknown):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.cmd == "run":
-        args.overrides = [*args.overrides, *unknown]
-    try:
-        root = find_root()
-        if args.cmd == "list":
-            for name in available_studies(root):
-                try:
-                    s = load_study(name, root)
-                    print(f"{name:16s} {len(s.experiments)} experiments x {len(s.seeds)} seeds"
-                          f"  {s.description}")
-                except ConfigError as e:
-                    print(f"{name:16s} INVALID: {e}")
-            return 0
-        study = load_study(args.study, root)
-        if args.cmd == "status":
-            found, missing = collect(study, root)
-            print(f"{study.name}: {len(found)}/{len(study.runs())} runs done"
-                  + (f"; missing: {', '.join(missing)}" if missing else ""))
-            return 0 if not missing else 1
-        cmd = multirun_command(study, args.launcher, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(shlex.join(["python", *cmd[1:]]), flush=True)
-    if args.dry_run:
-        return 0
-    return subprocess.call(cmd, cwd=root)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The study's figures (PNG, seaborn), one function per figure. Each draws from the runs
+and returns its ``(file name, caption)``, or None when the runs hold nothing to draw."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from v4lab import metrics as registry
+from v4lab.report.runs import ReportError, Runs
+from v4lab.report.stats import is_number, mean_ci
+from v4lab.studies.manifests import Study
+
+Made = tuple[str, str] | None  # (file name, caption)
+
+
+@dataclass
+class Canvas:
+    """What every figure needs: the study, its runs, the output folder and one colour per
+    experiment (the same across figures)."""
+
+    study: Study
+    runs: Runs
+    out: Path
+    palette: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [m for _, m in self.runs.values()]
+
+    def save(self, fig, name: str, caption: str) -> tuple[str, str]:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(self.out / name, dpi=130, bbox_inches="tight")
+        plt.close(fig)
+        return name, caption
+
+
+def curves(runs: Runs) -> pl.DataFrame | None:
+    """Every run's curves.csv with its experiment and seed, or None when no run has one."""
+    frames = []
+    for folder, m in runs.values():
+        path = folder / "curves.csv"
+        if path.is_file():
+            try:
+                df = pl.read_csv(path, infer_schema_length=None)
+            except Exception as e:
+                raise ReportError(f"{path}: corrupt curves.csv ({e}); rerun the run") from e
+            frames.append(df.with_columns(pl.lit(m["experiment"]).alias("experiment"),
+                                          pl.lit(int(m["seed"])).alias("seed")))
+    if not frames:
+        return None
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def learning_curves(c: Canvas) -> Made:
+    """Training loss, answer loss and val/bpb against the step, one line per experiment."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = curves(c.runs)
+    if data is None:
+        return None
+    study, order = c.study, c.study.experiments
+    cols = [col for col in ("train/loss", "train/answer_loss", "val/bpb")
+            if col in data.columns and data[col].is_not_null().any()]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        d = data.filter(pl.col(col).is_not_null()).select("step", col, "experiment", "seed")
+        d = d.to_dict(as_series=False)
+        sns.lineplot(d, x="step", y=col, hue="experiment", hue_order=order, palette=c.palette,
+                     errorbar=("ci", 95) if len(study.seeds) > 1 else None, seed=0, marker="o",
+                     markersize=3, ax=ax, legend=ax is axes[0][-1])
+        ax.set(xlabel="training step", ylabel=registry.label(col), title=col)
+        if col == "train/answer_loss":  # a uniform guess over the 10 digits
+            ax.axhline(math.log(10), color="grey", ls="--", lw=1, label="chance (ln 10)")
+    leg = axes[0][-1].get_legend()
+    if leg is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="experiment")
+    fig.suptitle(f"{study.name}: learning curves (mean over {len(study.seeds)} seed(s)"
+                 + (", 95% CI band)" if len(study.seeds) > 1 else ")"))
+    return c.save(fig, "learning_curves.png", "Learning curves: training loss"
+                  + (", loss on task answer tokens (dashed: chance, ln 10 per digit)"
+                     if "train/answer_loss" in cols else "")
+                  + " and validation bits per byte against the training step, one line per experiment")
+
+
+def cost_vs_quality(c: Canvas) -> Made:
+    """val/bpb (or test/bpb) against each cost figure, one point per experiment."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    records = c.records
+    quality = next((q for q in ("val/bpb", "test/bpb") if all(q in m for m in records)), None)
+    costs = [k for k in ("cost/params_active", "cost/kv_bytes_per_token", "cost/train_flops_per_token")
+             if all(is_number(m.get(k)) for m in records)]
+    if not (quality and costs):
+        return None
+    d = pl.DataFrame([{"experiment": m["experiment"], "seed": m["seed"], quality: m[quality],
+                       **{k: float(m[k]) for k in costs}} for m in records])
+    agg = d.group_by("experiment", maintain_order=True).agg(
+        pl.col(quality).mean().alias("q"), pl.col(quality).std().alias("sd"), pl.len().alias("n"),
+        *[pl.col(k).mean() for k in costs])
+    fig, axes = plt.subplots(1, len(costs), figsize=(4.6 * len(costs), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], costs):
+        for r in agg.iter_rows(named=True):
+            err = mean_ci(d.filter(pl.col("experiment") == r["experiment"])[quality].to_list())[1]
+            ax.errorbar(r[k], r["q"], yerr=None if math.isnan(err) else err, fmt="o", capsize=3,
+                        color=c.palette[r["experiment"]], label=r["experiment"])
+        lo, hi = agg[k].min(), agg[k].max()
+        if lo > 0 and hi / lo > 20:
+            ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set(xlabel=registry.label(k), ylabel=registry.label(quality),
+               title=f"{quality} vs {k.split('/', 1)[1]}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="experiment", loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle(f"{c.study.name}: cost vs quality (lower is better on both axes; bars: 95% CI)")
+    fig.tight_layout()
+    return c.save(fig, "cost_vs_quality.png", f"Cost vs quality: {quality} against each cost figure, "
+                  "one point per experiment (mean over seeds, 95% CI)")
+
+
+def accuracy_vs_context(c: Canvas) -> Made:
+    """Long-context task accuracy against context length; also context_length.csv (a DVC plot)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    records = c.records
+    tasks = sorted({k for m in records for k in m
+                    if k.startswith("task/") and k.endswith("/acc") and "@" in k})
+    if not tasks:
+        return None
+    rows = []
+    for m in records:
+        for k in tasks:
+            if is_number(m.get(k)):
+                task, ctx = k[len("task/"):-len("/acc")].rsplit("@", 1)
+                rows.append({"experiment": m["experiment"], "seed": m["seed"], "task": task,
+                             "context": int(ctx), "accuracy": float(m[k])})
+    pl.DataFrame(rows).write_csv(c.out / "context_length.csv")  # also a DVC plot (dvc.yaml)
+    d = pl.DataFrame(rows).to_dict(as_series=False)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=c.study.experiments,
+                 palette=c.palette, style="task", marker="o",
+                 errorbar=("ci", 95) if len(c.study.seeds) > 1 else None, seed=0, ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
+           ylim=(-0.02, 1.02), title=f"{c.study.name}: accuracy vs context length")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
+    return c.save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length")
+
+
+def chip_projections(c: Canvas) -> Made:
+    """Projected V3-671B throughput per chip profile (when the study compares chips)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    records, study = c.records, c.study
+    proj = [k for k in ("chip/v3_671b/proj_train_tokens_per_s", "chip/v3_671b/proj_decode_tokens_per_s@32768",
+                        "chip/v3_671b/proj_decode_tokens_per_s@131072")
+            if all(is_number(m.get(k)) for m in records)]
+    if not proj or len({m.get("chip/name") for m in records}) < 2:
+        return None
+    rows = [{"chip": f"{m.get('chip/name')} ({m['experiment']})", "figure": k.split("proj_", 1)[1],
+             "tokens/s per device": float(m[k])}
+            for m in records if m["seed"] == study.seeds[0] for k in proj]
+    d = pl.DataFrame(rows).to_dict(as_series=False)
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(study.experiments) + 2.2))
+    sns.barplot(d, y="chip", x="tokens/s per device", hue="figure", ax=ax, orient="h")
+    ax.set_xscale("log")
+    ax.set(ylabel="", xlabel="projected throughput at V3-671B size (tokens/s per device, log scale)",
+           title=f"{study.name}: roofline projections (analytic; see chip/marked_figures)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title="projection")
+    return c.save(fig, "chip_projections.png", "Projected V3-671B training and decode throughput per "
+                  "device for each chip profile (roofline model, src/v4lab/chips.py)")
+
+
+FIGURES = (learning_curves, cost_vs_quality, accuracy_vs_context, chip_projections)
+
+
+def draw(study: Study, runs: Runs, out: Path) -> list[tuple[str, str]]:
+    """Write the study's PNG figures into ``out``; returns [(file name, caption)]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    order = study.experiments
+    palette = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
+    canvas = Canvas(study, runs, out, palette)
+    return [made for figure in FIGURES if (made := figure(canvas)) is not None]

@@ -1,0 +1,24 @@
+"""Launching a study: one Hydra multirun (``run.py -m``) that Hydra's launchers run one
+after another (``basic``), in parallel on this machine (``local``, joblib) or as a SLURM
+job array (``slurm``, submitit)."""
+
+from __future__ import annotations
+
+import sys
+
+from v4lab.errors import ConfigError
+from v4lab.studies.manifests import Study
+
+LAUNCHERS = ("basic", "local", "slurm")
+
+
+def multirun_command(study: Study, launcher: str = "basic", extra: list[str] | None = None) -> list[str]:
+    """The command that runs ``study`` as one Hydra multirun with ``launcher``."""
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"--launcher={launcher!r} is not allowed: one of {', '.join(LAUNCHERS)}")
+    for o in extra or []:
+        if o.split("=", 1)[0].lstrip("+~") in ("experiment", "seed", "study"):
+            raise ConfigError(f"override {o!r} is not allowed: the study sets experiment, seed "
+                              "and study (write another study manifest instead)")
+    launch = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    return [sys.executable, "run.py", *study.multirun_args(), *launch, *(extra or [])]
