@@ -16,7 +16,8 @@ from v4lab.metrics import HIGHER, LOWER, NONE, P_TOLERANCE, metric
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "v4lab"
-PREFIXES = ("val", "test", "cost", "speed", "task", "moe", "engram", "sparse", "chip", "train", "time")
+PREFIXES = ("val", "test", "cost", "speed", "task", "moe", "engram", "sparse", "chip", "train", "time",
+            "host", "hc")
 NAME = re.compile(rf"(?:{'|'.join(PREFIXES)})/[^\s*]+")
 # f-strings whose names are built from parts the tests below check at run time
 BUILT = {
@@ -133,8 +134,10 @@ def test_report_check_tolerances_are_todays():
     """The prefixes' tolerances report.py had before the registry (TOLERANCES)."""
     for prefix, tol in (("speed/", 0.5), ("time/", 1.0), ("cost/", 1e-9), ("chip/", 1e-6)):
         assert {m.tolerance for m in metrics.METRICS if m.name.startswith(prefix)} == {tol}, prefix
+    # host/ (new: the machine at start) is wall-clock-like: compared like time/
+    assert {m.tolerance for m in metrics.METRICS if m.name.startswith("host/")} == {1.0}
     others = {m.tolerance for m in metrics.METRICS
-              if not m.name.startswith(("speed/", "time/", "cost/", "chip/"))}
+              if not m.name.startswith(("speed/", "time/", "cost/", "chip/", "host/"))}
     assert others == {1e-3}
     assert metrics.tolerance("val/nope") == 1e-3  # an unregistered column: the quality one
 

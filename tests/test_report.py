@@ -23,8 +23,8 @@ from v4lab.report import publish
 from v4lab.report.check import compare
 from v4lab.report.publish import build
 from v4lab.report.runs import ReportError, load_runs
-from v4lab.report.stats import mean_ci, welch_p
 from v4lab.report.table import summarize
+from v4lab.stats import mean_ci, welch_p
 from v4lab.studies import dvcyaml, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +45,12 @@ def _t_cdf(t: float, df: float, steps: int = 20000) -> float:
 
 def test_mean_ci_matches_the_t_table():
     values = [1.0, 2.0, 4.0]
-    mean, half = mean_ci(values)
+    m = mean_ci(values)
+    mean, half = m.mean, m.half_width
     sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
     assert mean == pytest.approx(7 / 3)
     assert half == pytest.approx(4.302652729749464 * sd / math.sqrt(3), rel=1e-12)  # t(0.975, df=2)
-    assert math.isnan(mean_ci([3.0])[1])
+    assert math.isnan(mean_ci([3.0]).half_width)
 
 
 def test_welch_p_matches_a_naive_welch_test():
@@ -65,7 +66,7 @@ def test_welch_p_matches_a_naive_welch_test():
     assert welch_p([5.0, 5.0], [5.0, 5.0]) == 1.0 and welch_p([5.0, 5.0], [6.0, 6.0]) == 0.0
     # spread at round-off level is no spread: deterministic figures are compared exactly
     assert welch_p([204.553, 204.553 * (1 + 1e-15)], [949.5, 949.5]) == 0.0
-    assert mean_ci([204.553, 204.553 * (1 + 1e-15), 204.553])[1] == 0.0
+    assert mean_ci([204.553, 204.553 * (1 + 1e-15), 204.553]).half_width == 0.0
 
 
 # --- a synthetic study --------------------------------------------------------------------------

@@ -66,6 +66,9 @@ PIECE_STATS = (
     Metric("sparse/indexer_kl", "nats", LOWER, QUALITY, doc="KL(dense attention || indexer scores)"),
     Metric("sparse/recall", "fraction", HIGHER, QUALITY,
            doc="dense attention mass on the keys the indexer selected"),
+    Metric("hc/fwd_gain", "ratio", NONE, QUALITY,
+           doc="largest row sum of the product of mHC mixing matrices across depth (1 for mHC)"),
+    Metric("hc/bwd_gain", "ratio", NONE, QUALITY, doc="the same for columns (gradient growth)"),
     Metric("engram/gate_mean", "fraction", NONE, QUALITY, doc="mean Engram gate"),
     Metric("engram/bucket_collision_rate", "fraction", LOWER, QUALITY,
            doc="n-gram lookups sharing a hash bucket with another n-gram"),
@@ -131,6 +134,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("speed/decode_ms_per_token@<context>", "ms/token", LOWER, SPEED),
     Metric("time/train_s", "s", LOWER, TIME, doc="seconds in trainer.fit"),
     Metric("time/eval_s", "s", LOWER, TIME, doc="seconds of long-context evaluation"),
+    # -- the machine when the run started (v4lab.threads): recorded, never compared ---------
+    Metric("host/threads", "threads", NONE, TIME, doc="torch threads the run used"),
+    Metric("host/usable_cpus", "CPUs", NONE, TIME, doc="CPU affinity capped by the cgroup quota"),
+    Metric("host/busy_cpus_at_start", "CPUs", NONE, TIME, doc="other processes running at start"),
     # -- chip profile (chips.chip_metrics) -------------------------------------------------
     *(Metric(f"chip/{k}", "", NONE, CHIP, False, "a label") for k in (
         "name", "vendor", "matmul_dtype", "kv_dtype_requested", "kv_dtype_effective",

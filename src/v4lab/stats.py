@@ -11,6 +11,7 @@ each one against statsmodels on fixed numbers. Conventions: two-sided tests at
     clopper_pearson      exact interval for an accuracy k/n (0/12 -> [0, 0.265])
     mde                  minimum detectable effect at a given power (noncentral t, exact)
     mcnemar_exact        paired binary outcomes: two caches on the same weights and queries
+    welch_p              two-sided Welch t-test of two groups (today's tables)
 
 Deterministic figures (parameter counts, a value that every seed reproduces) have no
 spread; a spread below ``1e-9`` of the values counts as round-off, so such groups compare
@@ -28,6 +29,17 @@ from scipy import optimize, stats
 
 ALPHA = 0.05
 ROUND_OFF = 1e-9  # relative spread below which a group counts as constant
+
+
+def is_number(v: object) -> bool:
+    """A table cell that is a number (bools are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def constant(values: Sequence[float] | np.ndarray) -> bool:
+    """No spread beyond round-off (relative ``ROUND_OFF``): a deterministic figure."""
+    a = _array(values, "constant")
+    return float(np.ptp(a)) <= ROUND_OFF * _scale(a)
 
 
 def _array(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
@@ -329,3 +341,16 @@ def mcnemar_exact(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray
     m = n10 + n01
     p = 1.0 if m == 0 else min(1.0, float(2 * stats.binom.cdf(min(n10, n01), m, 0.5)))
     return Paired(x.size, float(x.mean()), float(y.mean()), n10, n01, p)
+
+
+def welch_p(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Two-sided p-value of Welch's t-test of mean(a) = mean(b); nan if either n < 2.
+
+    Two groups without variance (deterministic figures such as parameter counts) are
+    either equal (p = 1) or differ exactly (p = 0)."""
+    a, b = _array(a, "welch_p a"), _array(b, "welch_p b")
+    if a.size < 2 or b.size < 2:
+        return math.nan
+    if constant(a) and constant(b):
+        return 1.0 if math.isclose(float(a.mean()), float(b.mean()), rel_tol=ROUND_OFF) else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)

@@ -14,7 +14,7 @@ import polars as pl
 
 from v4lab import metrics as registry
 from v4lab.report.runs import ReportError
-from v4lab.report.stats import is_number
+from v4lab.stats import is_number
 from v4lab.studies.manifests import Study
 
 REPORTS = "reports"

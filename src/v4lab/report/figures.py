@@ -12,7 +12,7 @@ import polars as pl
 
 from v4lab import metrics as registry
 from v4lab.report.runs import ReportError, Runs
-from v4lab.report.stats import is_number, mean_ci
+from v4lab.stats import is_number, mean_ci
 from v4lab.studies.manifests import Study
 
 Made = tuple[str, str] | None  # (file name, caption)
@@ -108,7 +108,7 @@ def cost_vs_quality(c: Canvas) -> Made:
     fig, axes = plt.subplots(1, len(costs), figsize=(4.6 * len(costs), 3.8), squeeze=False)
     for ax, k in zip(axes[0], costs):
         for r in agg.iter_rows(named=True):
-            err = mean_ci(d.filter(pl.col("experiment") == r["experiment"])[quality].to_list())[1]
+            err = mean_ci(d.filter(pl.col("experiment") == r["experiment"])[quality].to_list()).half_width
             ax.errorbar(r[k], r["q"], yerr=None if math.isnan(err) else err, fmt="o", capsize=3,
                         color=c.palette[r["experiment"]], label=r["experiment"])
         lo, hi = agg[k].min(), agg[k].max()

@@ -13,8 +13,8 @@ from v4lab.report import swap
 from v4lab.report.dashboards import log_to_wandb
 from v4lab.report.figures import draw
 from v4lab.report.runs import Runs, load_runs
-from v4lab.report.stats import ALPHA
 from v4lab.report.table import markdown_table, summarize
+from v4lab.stats import ALPHA
 from v4lab.studies.manifests import Study, available_studies
 
 REPORTS = "reports"

@@ -9,7 +9,7 @@ from typing import Any
 
 from v4lab import metrics as registry
 from v4lab.errors import ConfigError
-from v4lab.report.stats import is_number
+from v4lab.stats import is_number
 from v4lab.studies.finder import RUN_BASES, scan
 from v4lab.studies.manifests import Study
 

@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from v4lab.report.runs import Runs, check_metrics
-from v4lab.report.stats import ALPHA, constant, is_number, mean_ci, welch_p
+from v4lab.stats import ALPHA, constant, is_number, mean_ci, welch_p
 from v4lab.studies.manifests import Study
 
 
@@ -33,7 +33,8 @@ def summarize(study: Study, runs: Runs) -> pl.DataFrame:
                 continue
             values = [float(v) for v in values]
             ref = [float(m[metric]) for m in base]
-            mean, ci = mean_ci(values)
+            m = mean_ci(values)
+            mean, ci = m.mean, m.half_width
             row[f"{metric} mean"], row[f"{metric} ci95"] = mean, ci
             if e == study.baseline:
                 row[f"{metric} delta"], row[f"{metric} p"] = 0.0, math.nan
