@@ -115,10 +115,11 @@ def test_embedding_and_head_are_shared_not_copied():
 
 
 def test_mtp_config_bad_input():
-    MTPConfig(enabled=True).validate()
+    assert MTPConfig(depth=1).validate().enabled
+    assert not MTPConfig(depth=0).validate().enabled  # 0 = off
     with pytest.raises(ConfigError, match="model.mtp.depth=2 .*only depth 1 is built"):
         MTPConfig(depth=2).validate()
-    with pytest.raises(ConfigError, match="model.mtp.depth=0"):
-        MTPConfig(depth=0).validate()
+    with pytest.raises(ConfigError, match="model.mtp.depth=-1"):
+        MTPConfig(depth=-1).validate()
     with pytest.raises(ConfigError, match="model.mtp.loss_weight=-0.1"):
         MTPConfig(loss_weight=-0.1).validate()
