@@ -1,0 +1,227 @@
+"""The released DeepSeek-V4 assembled as switches of the one model (issues 14 and 15):
+V4 attention as ``model.attention.kind=v4``, the MTP block, the V4 experiments.
+
+Decode checks: the model's token-by-token decode (``forward_cached``) and ``generate``
+against its own full forward, for every V4 attention switch combination on sequences
+that end mid-block. fp32 throughout: the two paths differ only by fp32 round-off of
+batched vs one-row matmuls and sums of a few hundred O(1) terms (observed max 5.1e-6 on
+logits of magnitude ~4 over all switch combinations); the bound 5e-5 (abs and rel) would
+catch any wrong entry, mask, position or cache state (those move logits by >= 1e-2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+
+from v4lab.errors import ConfigError
+from v4lab.model import ModelConfig, Transformer
+from v4lab.modules.args import (
+    AttentionConfig,
+    EngramConfig,
+    HyperConnectionConfig,
+    MoEConfig,
+    v4_layer_ratios,
+)
+from v4lab.modules.mtp import MTPConfig
+from v4lab.modules.v4_config import V4AttentionConfig
+
+V = 97
+T = 27  # ends mid-block for m = 4 (27 = 6 * 4 + 3) and m' = 8 (27 = 3 * 8 + 3)
+FP32_TOL = 5e-5
+
+
+def v4_cfg(**kw) -> V4AttentionConfig:
+    base = dict(n_heads=4, head_dim=16, rope_dim=8, q_lora_rank=24, window=6, csa_ratio=4,
+                hca_ratio=8, index_n_heads=2, index_head_dim=8, csa_topk=3, o_groups=2,
+                o_lora_rank=12, kv_dtype="fp32", kv_block=4)
+    return V4AttentionConfig(**(base | kw))
+
+
+def model_cfg(v4: V4AttentionConfig | None = None, ratios: list[int] | None = None, **kw) -> ModelConfig:
+    v4 = v4 or v4_cfg()
+    if ratios is None:
+        ratios = [0, 4, 8] if v4.use_window else [4, 8, 4]
+    base = dict(vocab_size=V, dim=32, n_layers=3, ffn_dim=48, max_seq_len=64,
+                attention=AttentionConfig(kind="v4", v4=v4, compress_ratios=ratios),
+                moe=MoEConfig(enabled=False), engram=EngramConfig(enabled=False))
+    return ModelConfig(**(base | kw))
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, only: str = "") -> None:
+    """A trained-looking model: matrices ~ N(0, 1/fan_in), norm gains ~ 1 +- 0.1, sinks
+    and the compressors' position biases ~ N(0, 1) (zero at init). ``only``: parameters
+    whose name contains it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if only not in name:
+                continue
+            if name.endswith(("sinks", "position_bias")):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    randomize(model, seed)
+    return model
+
+
+def decode_steps(model: Transformer, ids: torch.Tensor, first: int = 1) -> torch.Tensor:
+    """Logits of a prefill of ``first`` tokens, then one token at a time through the caches."""
+    caches = model.new_caches(ids.shape[0], ids.shape[1])
+    out = [model.forward_cached(ids[:, :first], caches, 0, history=ids[:, :first])]
+    out += [model.forward_cached(ids[:, i:i + 1], caches, i, history=ids[:, :i + 1])
+            for i in range(first, ids.shape[1])]
+    return torch.cat(out, 1)
+
+
+# ---------------------------------------------------------------- wiring
+
+def test_layer_kinds_follow_compress_ratios_and_the_v4_flash_pattern():
+    model = build(model_cfg(ratios=[0, 8, 4]))
+    assert [b.attn.kind for b in model.blocks] == ["sliding", "hca", "csa"]
+    assert [b.attn.ratio for b in model.blocks] == [0, 8, 4]
+    v4 = v4_cfg()
+    # V4-Flash: two sliding-only layers, then CSA / HCA alternating (at 43 layers)
+    flash = v4_layer_ratios(43, v4, 2, ["csa", "hca"])
+    assert flash[:6] == [0, 0, 4, 8, 4, 8] and len(flash) == 43 and flash.count(0) == 2
+    # shallow models keep room for one round of the cycle; no window: no sliding layer
+    assert v4_layer_ratios(2, v4, 2, ["csa", "hca"]) == [4, 8]
+    assert v4_layer_ratios(4, v4, 2, ["hca"]) == [0, 0, 8, 8]
+    assert v4_layer_ratios(4, v4_cfg(use_window=False), 2, ["csa", "hca"]) == [4, 8, 4, 8]
+    empty = build(model_cfg(ratios=[]))  # [] = the pattern
+    assert [b.attn.kind for b in empty.blocks] == ["sliding", "csa", "hca"]
+
+
+def test_gpt2_init_scales_the_v4_output_projection():
+    cfg = model_cfg(n_layers=3, init_std=0.02)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    want = 0.02 / math.sqrt(2 * 3)
+    for blk in model.blocks:
+        assert abs(blk.attn.wo_b.weight.std().item() - want) < 0.15 * want
+        assert abs(blk.attn.wq_b.weight.std().item() - 0.02) < 0.15 * 0.02
+
+
+def test_kv_bytes_per_token_measured_from_the_caches():
+    """fp8 cache: an entry is 8 e4m3 nope bytes + 2 fp32 scales (blocks of 4) + 8 bf16 rope
+    values = 32 B; CSA adds a bf16 indexer key (8 x 2 B) per block. Per token of context:
+    sliding 0 (constant window), CSA (32 + 16) / 4, HCA 32 / 8."""
+    model = build(model_cfg(v4_cfg(kv_dtype="fp8")))
+    assert model.kv_probe_tokens() == 8
+    caches = model.new_caches(1, 10)
+    with torch.no_grad():
+        model.forward_cached(torch.zeros(1, model.kv_probe_tokens(), dtype=torch.long), caches, 0)
+    assert model.kv_bytes_per_token(caches) == (32 + 16) / 4 + 32 / 8
+
+
+# ---------------------------------------------------------------- decode = full forward
+
+SWITCHES = [dict(use_window=w, sink=s, overlap=o, csa_topk=k)
+            for w, s, o, k in itertools.product([True, False], [True, False], [True, False], [1, 3])]
+
+
+@pytest.mark.parametrize("flags", SWITCHES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_token_by_token_decoding_matches_full_forward(flags):
+    model = build(model_cfg(v4_cfg(**flags)))
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        steps = decode_steps(model, ids)
+        chunked = decode_steps(model, ids, first=10)  # a prefill ending mid-block, then steps
+    assert full.abs().max() > 1
+    torch.testing.assert_close(steps, full, atol=FP32_TOL, rtol=FP32_TOL)
+    torch.testing.assert_close(chunked, full, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_low_precision_cache_decoding_matches_full_forward(fmt):
+    """Training rounds the attended entries as the cache stores them. Later layers see
+    inputs that differ by fp32 round-off between the two paths, which can move a stored
+    value across a rounding boundary (one bf16 / e4m3 step): bounded by 2e-3 relative to
+    the logits' scale here (measured: bf16 5e-5, fp8 1.9e-4 on logits of magnitude 3.6), far
+    below what a wrong entry gives (dropping one window entry mid-way moves logits by ~3.6)."""
+    model = build(model_cfg(v4_cfg(kv_dtype=fmt)))
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        steps = decode_steps(model, ids)
+    scale = full.abs().max().item()
+    assert (steps - full).abs().max().item() <= 2e-3 * scale
+
+
+def test_generate_equals_greedy_of_the_full_forward():
+    """generate (chunked prefill ending mid-block, then cached steps) picks, at every step,
+    the argmax of the full forward over the tokens so far."""
+    model = build(model_cfg())
+    prompt = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, 17, prefill_chunk=3)
+    assert out.shape == (2, 27) and torch.equal(out[:, :10], prompt)
+    with torch.no_grad():
+        full = model(out[:, :-1])
+    assert torch.equal(out[:, 10:], full[:, 9:].argmax(-1))
+
+
+def test_decode_equals_full_forward_with_mhc_hash_routing_moe_and_mtp():
+    """The whole V4 recipe in one model (V4 attention, mHC, sqrt(softplus) MoE with a
+    hash-routed first layer and the SwiGLU clamp, MTP): decoding ignores the MTP block."""
+    cfg = model_cfg(hc=HyperConnectionConfig(enabled=True, n_streams=2),
+                    moe=MoEConfig(enabled=True, n_routed_experts=4, n_shared_experts=1, top_k=2,
+                                  expert_dim=16, first_dense_layers=0, score_func="sqrtsoftplus",
+                                  route_scale=1.5, hash_layers=1, swiglu_limit=10.0),
+                    mtp=MTPConfig(depth=1))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    randomize(model, 0, only=".attn.")  # mHC and MoE keep their own init
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        steps = decode_steps(model, ids, first=3)
+        without = dataclasses.replace(cfg, mtp=MTPConfig(depth=0))
+        plain = Transformer(without).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+        same = plain(ids)
+    assert type(model.blocks[0].ffn.gate).__name__ == "HashGate"
+    torch.testing.assert_close(steps, full, atol=FP32_TOL, rtol=FP32_TOL)
+    torch.testing.assert_close(same, full, atol=0, rtol=0)  # MTP does not touch the main path
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_v4_model_config_names_key_value_and_allowed():
+    with pytest.raises(ConfigError, match=r"model\.attention\.compress_ratios=\[0, 4\] .*3 ratios"):
+        Transformer(model_cfg(ratios=[0, 4]))
+    with pytest.raises(ConfigError, match=r"model\.attention\.compress_ratios\[1\]=5 .*csa_ratio \(4\)"):
+        Transformer(model_cfg(ratios=[0, 5, 8]))
+    with pytest.raises(ConfigError, match=r"model\.attention\.compress_ratios\[0\]=0 .*use_window=false"):
+        Transformer(model_cfg(v4_cfg(use_window=False), ratios=[0, 4, 8]))
+    sparse = model_cfg()
+    sparse.attention.sparse.enabled = True
+    with pytest.raises(ConfigError, match=r"model\.attention\.sparse\.enabled=True .*CSA"):
+        Transformer(sparse)
+    sparse.attention.compress_ratios = [0, 8, 8]  # no CSA layer: allowed (sparse MLA unused)
+    Transformer(sparse)
+    with pytest.raises(ConfigError, match=r"model\.attention\.v4\.window=80 .*<= the sequence length 64 "
+                                          r"\(model\.max_seq_len=64"):
+        Transformer(model_cfg(v4_cfg(window=80)))
+    with pytest.raises(ConfigError, match=r"model\.attention\.v4\.csa_topk=20 .*64 // 4 = 16"):
+        Transformer(model_cfg(v4_cfg(csa_topk=20)))
+    with pytest.raises(ConfigError, match=r"model\.attention\.v4_cycle=\['csa', 'dense'\]"):
+        bad = model_cfg(ratios=[])
+        bad.attention.v4_cycle = ["csa", "dense"]
+        Transformer(bad)
+    mla = AttentionConfig(kind="mla", compress_ratios=[0, 4])
+    with pytest.raises(ConfigError, match=r"model\.attention\.compress_ratios=\[0, 4\] .*kind='v4'"):
+        Transformer(ModelConfig(vocab_size=V, attention=mla))
+    with pytest.raises(ConfigError, match=r"model\.mtp\.depth=2 .*only depth 1 is built"):
+        Transformer(model_cfg(mtp=MTPConfig(depth=2)))
