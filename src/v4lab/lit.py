@@ -124,9 +124,10 @@ class LitLM(L.LightningModule):
     def mtp_weight(self, step: int | None) -> float:
         """The MTP loss weight at ``step``: ``model.mtp.loss_weight`` until the learning rate
         starts to decay, ``decay_loss_weight`` after (V4: 0.3, then 0.1). In this schedule
-        (:func:`lr_lambda`) the cosine decay starts right after the warm-up."""
+        (:func:`lr_lambda`) the warm-up peaks at step ``warmup_steps`` and the cosine decay
+        starts right after it."""
         cfg = self.model.cfg.mtp
-        return cfg.loss_weight if step is None or step < self.tcfg.warmup_steps else cfg.decay_loss_weight
+        return cfg.loss_weight if step is None or step <= self.tcfg.warmup_steps else cfg.decay_loss_weight
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         tokens, answer_len = batch if isinstance(batch, (list, tuple)) else (batch, None)
