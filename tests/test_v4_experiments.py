@@ -178,6 +178,8 @@ def test_smoke_training_of_v4_attention(tmp_path, smoke_overrides):
                     extra_callbacks=[logged])
     assert metrics["train/steps"] == 12 and metrics["val/loss"] < math.log(512)
     assert "train/mtp_loss" not in logged.keys
+    # the CSA indexer learns by its KL (tiny: dense warm-up of 5 steps, then top-k)
+    assert {"train/v4/indexer_kl", "v4/indexer_kl", "v4/recall"} <= logged.keys
 
 
 def test_v4_kill_and_resume_equals_uninterrupted(v4_run, tmp_path, smoke_overrides):
