@@ -330,3 +330,57 @@ def test_training_the_indexer_lowers_its_kl():
         opt.step()
         kls.append(kl.item())
     assert kls[-1] < 0.5 * kls[0], kls
+
+
+# ---------------------------------------------------------------- self-speculative decoding
+
+def _spec_models():
+    """MHA, sparse MLA + Engram, and the V4 recipe (V4 attention, mHC, hash-routed MoE), each
+    with an MTP block."""
+    mha = ModelConfig(vocab_size=V, dim=32, n_layers=2, ffn_dim=48, max_seq_len=64,
+                      attention=AttentionConfig(kind="mha", n_heads=2, head_dim=16),
+                      moe=MoEConfig(enabled=False), engram=EngramConfig(enabled=False),
+                      mtp=MTPConfig(depth=1))
+    mla = dataclasses.replace(mha, attention=AttentionConfig(kind="mla", n_heads=2), engram=EngramConfig(
+        enabled=True, layers=[1], ngram_orders=[2], heads_per_order=2, table_size=31, head_dim=4))
+    mla.attention.sparse.enabled, mla.attention.sparse.topk = True, 4
+    v4 = model_cfg(hc=HyperConnectionConfig(enabled=True, n_streams=2), mtp=MTPConfig(depth=1),
+                   moe=MoEConfig(enabled=True, n_routed_experts=4, top_k=2, expert_dim=16,
+                                 first_dense_layers=0, score_func="sqrtsoftplus", hash_layers=1))
+    return {"mha": mha, "mla_sparse_engram": mla, "v4": v4}
+
+
+@pytest.mark.parametrize("name", ["mha", "mla_sparse_engram", "v4"])
+@pytest.mark.parametrize("drafts", ["mtp", "oracle", "wrong"])
+def test_speculative_greedy_equals_plain_greedy(name, drafts):
+    """Exactly plain greedy's tokens, whether the drafts are the MTP block's, always right
+    (every step takes the two-token path) or always wrong (every step puts the caches back
+    and re-runs one token): the accept and the reject paths are both exercised."""
+    torch.manual_seed(0)
+    model = Transformer(_spec_models()[name]).eval()
+    randomize(model, 1, only=".attn.")
+    prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(7))
+    plain = model.generate(prompt, 20)
+    if drafts != "mtp":
+        real = model._draft
+
+        def forced(h, next_ids, mtp_caches, start):
+            real(h, next_ids, mtp_caches, start)  # keep the MTP cache advancing as usual
+            at = start + next_ids.shape[1] + 1  # next_ids[:, -1] sits at start + n; the draft after it
+            ref = plain[:, at:at + 1] if at < plain.shape[1] else torch.zeros_like(next_ids[:, :1])
+            return ref if drafts == "oracle" else (ref + 1) % V
+
+        model._draft = forced
+    spec = model.generate(prompt, 20, speculative=True, prefill_chunk=4)
+    assert torch.equal(spec, plain)
+    stats = model.speculative_stats
+    if drafts == "oracle":
+        assert stats["accepted"] == stats["drafted"] == 10  # 20 new tokens: 10 accepted pairs
+    elif drafts == "wrong":
+        assert stats["accepted"] == 0 and stats["drafted"] == 19  # the 20th needs no draft
+
+
+def test_speculative_needs_greedy_and_an_mtp_block():
+    model = Transformer(model_cfg()).eval()
+    with pytest.raises(ValueError, match="MTP block"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 4, speculative=True)
