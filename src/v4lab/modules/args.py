@@ -85,8 +85,9 @@ class AttentionConfig:
       (its own heads, widths, window, blocks, top-k and cache format; the MLA/MHA fields,
       ``kv_cache`` and ``vvpa`` are not used: V4 always rotates the output back by R(-t)).
       ``compress_ratios`` gives each layer its kind: 0 = sliding window only,
-      ``v4.csa_ratio`` = CSA, ``v4.hca_ratio`` = HCA (V4-Flash: [0, 0, 4, 128, 4, 128, ...]);
-      one entry per layer. Empty = the V4-Flash pattern at the model's depth
+      ``v4.csa_ratio`` = CSA, ``v4.hca_ratio`` = HCA; one entry per layer. V4-Flash: two
+      sliding-only layers, then CSA and HCA alternating (CSA first here: an assumption;
+      ``v4_cycle: [hca, csa]`` swaps them). Empty = the V4-Flash pattern at the model's depth
       (:func:`v4_layer_ratios`): ``v4_sliding_layers`` sliding-only layers, then the kinds
       of ``v4_cycle`` in turn (['csa', 'hca'] alternating; ['hca'] = no CSA), so one
       experiment fits the tiny and the small model.
@@ -154,9 +155,8 @@ class AttentionConfig:
                 self.validate_sequence(path, max_seq_len, n_layers,
                                        f"(model.max_seq_len={max_seq_len}, the cache's length)")
             return
-        if self.compress_ratios:
-            require(False, f"{path}.compress_ratios", self.compress_ratios,
-                    f"empty unless {path}.kind='v4' (kind is {self.kind!r})")
+        require(not self.compress_ratios, f"{path}.compress_ratios", self.compress_ratios,
+                f"empty unless {path}.kind='v4' (kind is {self.kind!r})")
         if self.kind == "mha":
             require(dim % self.n_heads == 0, f"{path}.n_heads", self.n_heads,
                     f"a divisor of model.dim={dim}")
