@@ -252,6 +252,8 @@ def test_cost_model_counts_equal_the_built_model(name):
     from v4lab.io import compose
 
     cfg = load_run_config(compose([f"+experiment={name}", "trainer=smoke"]))
+    if cfg.model.attention.kind == "v4" or cfg.model.hc.enabled or cfg.model.mtp.enabled:
+        pytest.xfail("accounting does not count V4 attention, mHC or MTP yet (issues 14, 15)")
     model_cfg, _, _ = chips.apply_numerics(cfg.chip, cfg.model)  # pure: nothing measured
     torch.manual_seed(0)
     checks = accounting.cross_check_model(Transformer(model_cfg))

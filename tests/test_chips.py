@@ -407,5 +407,3 @@ def test_cli_fp8_kv_on_ascend_errors_then_falls_back(capsys):
 def test_cli_unknown_experiment_is_a_clear_error(capsys):
     assert cli.main(["+experiment=chip_nowhere"]) == 2
     assert "chip_nowhere" in capsys.readouterr().out
-
-

@@ -168,6 +168,9 @@ class RunConfig:
         self.eval.validate("eval", self.model.max_seq_len)
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        self.model.attention.validate_sequence(  # V4 window, blocks and top-k fit the windows
+            "model.attention", self.trainer.seq_len, self.model.n_layers,
+            f"(trainer.seq_len={self.trainer.seq_len}, the training sequence)")
         require(self.trainer.quantize == "none" or self.model.moe.enabled, "trainer.quantize",
                 self.trainer.quantize, "'none' without routed experts (FP4 quantises the "
                 "routed-expert weights: enable model.moe)")

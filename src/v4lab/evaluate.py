@@ -70,8 +70,10 @@ def exact_match(generated: list[int], answer: list[int]) -> bool:
 
 
 def cache_bytes(caches: list) -> int:
-    """KV bytes held for one sequence: per-token bytes of the stored tensors x tokens held."""
-    return sum(c["attn"].bytes_per_token() * c["attn"].length for c in caches)
+    """KV bytes held for one sequence: per-token bytes of the stored tensors x tokens held
+    (a V4 attention cache reports the bytes it holds, window included)."""
+    return sum(c["attn"].nbytes() if hasattr(c["attn"], "nbytes") else
+               c["attn"].bytes_per_token() * c["attn"].length for c in caches)
 
 
 @torch.no_grad()

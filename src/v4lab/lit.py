@@ -48,6 +48,7 @@ class LitLM(L.LightningModule):
         self.tcfg = trainer_cfg
         self.answer_loss_weight = answer_loss_weight
         self.last_answer = (0.0, 0)  # this step's (summed answer loss, answer tokens)
+        self.last_mtp: torch.Tensor | None = None  # this step's MTP cross-entropy
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         self._eval_sums: dict[str, torch.Tensor] = {}
         # FP4 (trainer.quantize): QAT reads the routed-expert weights through MXFP4 fake
@@ -96,9 +97,11 @@ class LitLM(L.LightningModule):
                   ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """(training objective, LM mean loss, forward context) for tokens [B, T+1].
 
-        Sets ``last_answer`` = (summed answer loss, answer tokens) of this batch.
+        Sets ``last_answer`` = (summed answer loss, answer tokens) of this batch. With an
+        MTP block the objective adds ``mtp_weight(step)`` x its cross-entropy (``last_mtp``).
         """
         self.last_answer = (0.0, 0)
+        self.last_mtp = None
         losses, nbytes, ctx = self._token_losses(tokens)
         scored = nbytes > 0
         loss_sum, n_scored = (losses * scored).sum(), scored.sum()
@@ -111,8 +114,20 @@ class LitLM(L.LightningModule):
             if self.answer_loss_weight > 0:
                 objective = objective + self.answer_loss_weight * self._global_mean(answer_sum, n_answer)
             self.last_answer = (float(answer_sum.detach()), int(n_answer))
+        if self.model.mtp is not None:
+            mtp_ce = self.model.mtp_loss(ctx, tokens)
+            self.last_mtp = mtp_ce.detach()
+            objective = objective + self.mtp_weight(ctx.step) * mtp_ce
         total = objective + sum(ctx.aux_losses.values(), torch.zeros((), device=losses.device))
         return total, loss_sum.detach() / n_scored.clamp(min=1), ctx
+
+    def mtp_weight(self, step: int | None) -> float:
+        """The MTP loss weight at ``step``: ``model.mtp.loss_weight`` until the learning rate
+        starts to decay, ``decay_loss_weight`` after (V4: 0.3, then 0.1). In this schedule
+        (:func:`lr_lambda`) the warm-up peaks at step ``warmup_steps`` and the cosine decay
+        starts right after it."""
+        cfg = self.model.cfg.mtp
+        return cfg.loss_weight if step is None or step <= self.tcfg.warmup_steps else cfg.decay_loss_weight
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         tokens, answer_len = batch if isinstance(batch, (list, tuple)) else (batch, None)
@@ -130,6 +145,8 @@ class LitLM(L.LightningModule):
             self.log(f"train/{name}", value)
         for name, value in ctx.stat_tensors().items():  # reduced by Lightning when it logs
             self.log(name, value)
+        if self.last_mtp is not None:
+            self.log("train/mtp_loss", self.last_mtp)  # unweighted cross-entropy (nats)
         return total
 
     def _set_qat(self, step: int) -> None:

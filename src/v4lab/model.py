@@ -4,17 +4,19 @@ With every switch off it is a plain decoder (RMSNorm, RoPE, SwiGLU, multi-head c
 attention). Each architectural piece is one module under ``v4lab.modules`` and one
 switch here:
 
-    attention.kind      mha | mla            (modules/attention.py, modules/mla.py)
+    attention.kind      mha | mla | v4       (modules/attention.py, mla.py, v4_attention.py)
     attention.sparse    lightning indexer    (modules/sparse.py)
     attention.vvpa      position in values   (modules/mla.py)
     attention.kv_cache  fp32 | bf16 | fp8 | int8 storage
     moe.enabled         DeepSeekMoE          (modules/moe.py)
     engram.enabled      Engram memory        (modules/engram.py)
     hc.enabled          hyper-connections    (modules/mhc.py): n residual streams
+    mtp.depth           multi-token predict. (modules/mtp.py): 0 = off, 1 = one MTP block
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ from v4lab.modules.args import AttentionConfig, EngramConfig, HyperConnectionCon
 from v4lab.modules.attention import MultiHeadAttention
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.ffn import SwiGLU
+from v4lab.modules.mtp import MTPConfig
 from v4lab.modules.norm import RMSNorm
 
 
@@ -47,6 +50,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
     hc: HyperConnectionConfig = field(default_factory=HyperConnectionConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
     def validate(self, path: str = "model") -> ModelConfig:
         for key in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
@@ -54,16 +58,40 @@ class ModelConfig:
         require(self.rope_theta > 0, f"{path}.rope_theta", self.rope_theta, "> 0")
         require(self.norm_eps > 0, f"{path}.norm_eps", self.norm_eps, "> 0")
         require(self.init_std > 0, f"{path}.init_std", self.init_std, "> 0")
-        self.attention.validate(f"{path}.attention", self.dim)
+        self.attention.validate(f"{path}.attention", self.dim, self.n_layers, self.max_seq_len)
         self.moe.validate(f"{path}.moe", self.n_layers)
         self.engram.validate(f"{path}.engram", self.n_layers)
         self.hc.validate(f"{path}.hc")
+        self.mtp.validate(f"{path}.mtp")
         return self
+
+    def mtp_block_config(self) -> ModelConfig:
+        """The config the MTP block is built from: the model's own, without the pieces that
+        belong to the main stack (hyper-connection streams: the MTP block reads and writes
+        one stream, h after the head's collapse; Engram)."""
+        return dataclasses.replace(
+            self, hc=dataclasses.replace(self.hc, enabled=False),
+            engram=dataclasses.replace(self.engram, enabled=False))
+
+
+def v4_layer_kind(cfg: ModelConfig, layer_idx: int) -> str:
+    """Kind ('sliding' | 'csa' | 'hca') of V4 attention layer ``layer_idx``. The MTP block
+    (index n_layers) gets a sliding-window layer, or the last layer's kind without the
+    window (an assumption: the lab does not know the released MTP layer's attention)."""
+    a = cfg.attention
+    kinds = a.layer_kinds("model.attention", cfg.n_layers)
+    if layer_idx < cfg.n_layers:
+        return kinds[layer_idx]
+    return "sliding" if a.v4.use_window else kinds[-1]
 
 
 def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if cfg.attention.kind == "mha":
         return MultiHeadAttention(cfg.dim, cfg.attention, cfg.rope_theta)
+    if cfg.attention.kind == "v4":
+        from v4lab.modules.v4_attention import V4Attention
+
+        return V4Attention(cfg.dim, cfg.attention.v4, v4_layer_kind(cfg, layer_idx))
     from v4lab.modules.mla import MultiHeadLatentAttention
 
     return MultiHeadLatentAttention(cfg.dim, cfg.attention, cfg.rope_theta, cfg.norm_eps)
@@ -149,12 +177,27 @@ class Transformer(nn.Module):
             self.hc_head = HyperHead(cfg.dim, cfg.hc, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
-        # GPT-2 style: scale the residual output projections by 1/sqrt(2 * n_layers).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "ffn.w2.weight", "experts.w2")) or ".w2." in name:
-                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self._scale_residual_outputs(self)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.mtp = None
+        if cfg.mtp.enabled:  # one more Block, sharing the embedding and the LM head
+            from v4lab.modules.mtp import MTP
+
+            self.mtp = MTP(cfg.dim, Block(cfg.mtp_block_config(), cfg.n_layers), self.tok_emb,
+                           self.lm_head, cfg.norm_eps, cfg.mtp.loss_weight)
+            for own in (self.mtp.proj, self.mtp.block):  # not the shared embedding and head
+                own.apply(self._init_weights)
+            self._scale_residual_outputs(self.mtp.block)
+
+    def _scale_residual_outputs(self, module: nn.Module) -> None:
+        """GPT-2 style: the residual output projections get std init_std / sqrt(2 n_layers)
+        (V4 attention's is wo_b, after the grouped wo_a)."""
+        std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in module.named_parameters():
+            if (name.endswith(("attn.wo.weight", "attn.wo_b.weight", "ffn.w2.weight", "experts.w2"))
+                    or ".w2." in name):
+                nn.init.normal_(p, std=std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -188,7 +231,24 @@ class Transformer(nn.Module):
         if self.hc_head is not None:
             x = self.hc_head(x)
             ctx.report_hc()
+        if self.mtp is not None:
+            ctx.hidden = x  # the MTP block's input h (lit.py adds its loss); decoding ignores it
         return self.lm_head(self.norm(x))
+
+    def mtp_loss(self, ctx: ForwardContext, tokens: torch.Tensor) -> torch.Tensor:
+        """Unweighted MTP cross-entropy of a training window tokens [B, T+1] whose inputs
+        tokens[:, :T] just ran through ``forward(…, ctx)``. The MTP block's auxiliary losses
+        and statistics (an MoE block's) join ``ctx``'s."""
+        h = ctx.hidden
+        sub = ForwardContext(positions=ctx.positions[: h.shape[1] - 1], input_ids=tokens[:, 1:-1],
+                             step=ctx.step)
+        ce = self.mtp.ce(h, tokens, sub)
+        for name, value in sub.aux_losses.items():
+            ctx.add_loss(name, value)
+        for name, (total, count) in sub.stats.items():
+            old_total, old_count = ctx.stats.get(name, (0.0, 0))
+            ctx.stats[name] = (old_total + total, old_count + count)
+        return ce
 
     def set_canonical_ids(self, ids: torch.Tensor) -> None:
         """Install the token -> canonical id map [vocab_size] in every Engram module."""
@@ -210,9 +270,20 @@ class Transformer(nn.Module):
             caches.append(cache)
         return caches
 
-    def kv_bytes_per_token(self, caches: list[dict]) -> int:
-        """KV bytes per token summed over layers, measured from the stored cache tensors."""
-        return sum(c["attn"].bytes_per_token() for c in caches)
+    def kv_bytes_per_token(self, caches: list[dict]) -> float:
+        """KV bytes per token summed over layers, measured from the stored cache tensors.
+
+        V4 attention: how fast its caches grow (compressed entries and indexer keys, one per
+        block, so a fraction of a byte is possible; the constant window is not included and
+        a layer counts 0 until its first block completes: run :meth:`kv_probe_tokens`
+        tokens first)."""
+        return float(sum(c["attn"].bytes_per_token() for c in caches))
+
+    def kv_probe_tokens(self) -> int:
+        """Tokens to run through fresh caches before :meth:`kv_bytes_per_token` sees every
+        kind of stored entry (V4: one complete block of every compressed layer)."""
+        ratios = [blk.attn.ratio for blk in self.blocks if hasattr(blk.attn, "ratio")]
+        return max([2, *ratios])
 
     def forward_cached(self, input_ids: torch.Tensor, caches: list, start_pos: int,
                        history: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,12 +313,18 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  generator: torch.Generator | None = None,
-                 prefill_chunk: int | None = None) -> torch.Tensor:
+                 prefill_chunk: int | None = None, speculative: bool = False) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation with the KV cache: the one decode
         loop (evaluation uses it too).
 
-        prompt: [B, T0] -> [B, T0 + max_new_tokens].
+        prompt: [B, T0] -> [B, T0 + max_new_tokens]. ``speculative``: greedy only, with the
+        MTP block drafting one token per step (:meth:`_generate_speculative`).
         """
+        if speculative:
+            if temperature > 0 or self.mtp is None:
+                raise ValueError("speculative decoding needs temperature=0 and an MTP block "
+                                 f"(temperature={temperature}, model.mtp.depth={self.cfg.mtp.depth})")
+            return self._generate_speculative(prompt, max_new_tokens, prefill_chunk)
         b, t0 = prompt.shape
         caches = self.new_caches(b, t0 + max_new_tokens)
         tokens = prompt
@@ -262,6 +339,76 @@ class Transformer(nn.Module):
             if i + 1 < max_new_tokens:
                 logits = self.forward_cached(nxt, caches, t0 + i, history=tokens)[:, -1]
         return tokens
+
+    # ---- self-speculative decoding with the MTP block ------------------------------------
+    def _hidden_cached(self, ids: torch.Tensor, caches: list, start: int,
+                       history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward_cached that also returns h [B, T, dim], the MTP block's input."""
+        ctx = ForwardContext(positions=torch.arange(start, start + ids.shape[1], device=ids.device),
+                             input_ids=ids, caches=caches, history_ids=history)
+        return self.forward(ids, ctx), ctx.hidden
+
+    def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, mtp_caches: list, start: int) -> torch.Tensor:
+        """Advance the MTP block over positions start.. (h [B, n, dim] with the verified tokens
+        after them, next_ids [B, n]) through its own cache; the draft for the token after
+        next_ids[:, -1]: [B, 1]."""
+        ctx = ForwardContext(positions=torch.arange(start, start + h.shape[1], device=h.device),
+                             input_ids=next_ids, caches=mtp_caches)
+        return self.mtp(h, next_ids, ctx)[:, -1:].argmax(-1)
+
+    def _generate_speculative(self, prompt: torch.Tensor, max_new_tokens: int,
+                              prefill_chunk: int | None = None) -> torch.Tensor:
+        """Greedy decoding with the MTP block as a one-token draft.
+
+        Each step feeds the next token (verified) and the draft after it through the main
+        model at once. If the main model's greedy choice after the next token is the draft
+        (in every row), both are kept and its choice after the draft comes for free: two
+        tokens for one two-token forward. Otherwise the caches are put back as they were
+        before the step (every cache replaces its tensors or writes past its old length,
+        so restoring the attributes is enough) and the next token runs alone, exactly as
+        plain greedy decoding runs it. The output is plain greedy's, up to fp32 round-off
+        of a two-token chunk vs a one-token step deciding a near-tie of the argmax.
+        Counts: ``self.speculative_stats`` = {"drafted", "accepted"}.
+        """
+        b, t0 = prompt.shape
+        total = t0 + max_new_tokens
+        caches = self.new_caches(b, total + 1)
+        mtp_caches = [None] * self.cfg.n_layers + [
+            {"attn": self.mtp.block.attn.new_cache(b, total + 1, prompt.device)}]
+        chunk = prefill_chunk or t0
+        hs, logits = [], None
+        for s in range(0, t0, chunk):
+            e = min(s + chunk, t0)
+            logits, h = self._hidden_cached(prompt[:, s:e], caches, s, prompt[:, :e])
+            hs.append(h)
+        nxt = logits[:, -1:].argmax(-1)  # token t0, verified
+        draft = self._draft(torch.cat(hs, 1), torch.cat([prompt[:, 1:], nxt], 1), mtp_caches, 0)
+        out, pos = prompt, t0  # nxt sits at position pos, the MTP block has seen positions < pos
+        drafted = accepted = 0
+        while out.shape[1] < total:
+            if out.shape[1] + 1 == total:  # one token left: nothing to verify
+                out = torch.cat([out, nxt], 1)
+                break
+            saved = _cache_state(caches)
+            pair = torch.cat([nxt, draft], 1)
+            logits, h = self._hidden_cached(pair, caches, pos, torch.cat([out, pair], 1))
+            drafted += 1
+            if bool((logits[:, 0].argmax(-1) == draft[:, 0]).all()):
+                accepted += 1
+                new = logits[:, 1:].argmax(-1)
+                out = torch.cat([out, pair], 1)
+                draft = self._draft(h, torch.cat([draft, new], 1), mtp_caches, pos)
+                pos += 2
+            else:
+                _restore_cache_state(saved)
+                logits, h = self._hidden_cached(nxt, caches, pos, torch.cat([out, nxt], 1))
+                new = logits.argmax(-1)
+                out = torch.cat([out, nxt], 1)
+                draft = self._draft(h, new, mtp_caches, pos)
+                pos += 1
+            nxt = new
+        self.speculative_stats = {"drafted": drafted, "accepted": accepted}
+        return out[:, :total]
 
     # ---- training hooks ---------------------------------------------------------------
     def on_train_step_end(self) -> None:
@@ -309,3 +456,22 @@ class Transformer(nn.Module):
             if blk.engram is not None:
                 total -= blk.engram.inactive_params_per_token()
         return total
+
+
+def _cache_state(caches: list) -> list[tuple[object, dict]]:
+    """The attributes of every decode-state object in ``caches`` (and of the objects they
+    hold: entry stores, compressor states), dicts copied one level: enough to put a cache
+    back, since caches replace their tensors or write past their old length."""
+    saved, todo = [], [c for layer in caches if layer is not None for c in layer.values()]
+    while todo:
+        obj = todo.pop()
+        attrs = {k: dict(v) if isinstance(v, dict) else v for k, v in vars(obj).items()}
+        saved.append((obj, attrs))
+        todo += [v for v in attrs.values()
+                 if hasattr(v, "__dict__") and not isinstance(v, (torch.Tensor, nn.Module))]
+    return saved
+
+
+def _restore_cache_state(saved: list[tuple[object, dict]]) -> None:
+    for obj, attrs in saved:
+        vars(obj).update(attrs)

@@ -179,29 +179,37 @@ def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return own
 
 
-def split_params(model: nn.Module, blocks_attr: str = "blocks"
+def split_params(model: nn.Module, blocks_attr: str | tuple[str, ...] = ("blocks", "mtp")
                  ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """(Muon, AdamW) lists of (name, parameter), each trainable parameter in exactly one.
 
-    Muon: the matrices inside ``model.<blocks_attr>``: 2-D weights (nn.Linear and raw
-    matrices such as mHC's dynamic mixing maps) and 3-D routed-expert stacks.
-    AdamW: everything outside the blocks (token embedding, final norm, LM head), and in the
-    blocks embedding tables (Engram's), convolution kernels, vectors and scalars (norms,
-    sinks), leaf names containing one of ``ADAMW_NAME_HINTS``, parameters carrying an
+    Muon: the matrices inside the containers ``model.<blocks_attr>`` (the blocks and the
+    MTP module): 2-D weights (nn.Linear and raw matrices such as mHC's dynamic mixing
+    maps) and 3-D routed-expert stacks.
+    AdamW: everything outside them (token embedding, final norm, LM head; also when a
+    container shares them, as MTP shares the embedding and the head), and inside them
+    embedding tables (Engram's), convolution kernels, vectors and scalars (norms, sinks),
+    leaf names containing one of ``ADAMW_NAME_HINTS``, parameters carrying an
     ``lr_multiplier`` and any parameter with attribute ``muon = False``.
     """
-    blocks = getattr(model, blocks_attr, None)
-    in_blocks: set[int] = set()
+    attrs = (blocks_attr,) if isinstance(blocks_attr, str) else tuple(blocks_attr)
     muon_ids: set[int] = set()
-    if blocks is not None:
-        for module in blocks.modules():
+    outside: set[int] = set()  # owned by a module outside the containers (shared ones too)
+    for path, module in model.named_modules(remove_duplicate=False):
+        if not any(path == a or path.startswith(a + ".") for a in attrs):
+            outside |= {id(p) for _, p in _own_params(module)}
+    for attr in attrs:
+        container = getattr(model, attr, None)
+        if container is None:
+            continue
+        for module in container.modules():
             for leaf, p in _own_params(module):
-                in_blocks.add(id(p))
                 matrix = (p.dim() == 2 or (p.dim() == 3 and _is_expert_stack(module)))
                 if (matrix and not isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd))
                         and not any(h in leaf for h in ADAMW_NAME_HINTS)
                         and not hasattr(p, "lr_multiplier") and getattr(p, "muon", True)):
                     muon_ids.add(id(p))
+    muon_ids -= outside
     muon, adamw, seen = [], [], set()
     for name, p in model.named_parameters():  # named_parameters yields a tied weight once
         if not p.requires_grad or id(p) in seen:

@@ -172,8 +172,9 @@ def measure_costs(lit: LitLM, seq_len: int) -> dict[str, float]:
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.eval()
     with torch.no_grad():
-        caches = model.new_caches(1, 4)
-        model.forward_cached(torch.zeros(1, 2, dtype=torch.long), caches, 0)
+        probe = model.kv_probe_tokens()  # V4: a complete block of every compressed layer
+        caches = model.new_caches(1, probe + 2)
+        model.forward_cached(torch.zeros(1, probe, dtype=torch.long), caches, 0)
         kv_bytes = model.kv_bytes_per_token(caches)
     model.train()
     x = torch.zeros(1, seq_len, dtype=torch.long)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from v4lab.errors import require, require_choice, require_positive
+from v4lab.errors import ConfigError, require, require_choice, require_positive
+from v4lab.modules.v4_config import V4AttentionConfig
 
 KV_DTYPES = ("fp32", "bf16", "fp8", "int8")
 KV_SCALE_FORMATS = ("fp32", "ue8m0")
-ATTENTION_KINDS = ("mha", "mla")
+ATTENTION_KINDS = ("mha", "mla", "v4")
 MOE_SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 ENGRAM_GATES = ("signed_sqrt", "plain")
 
@@ -80,6 +81,16 @@ class AttentionConfig:
       ``q_lora_rank`` latent (0 = full-rank query projection); keys and values from one
       ``kv_lora_rank`` latent plus a shared decoupled RoPE key of ``qk_rope_head_dim``.
     vvpa: value-vector position awareness (MLA only, see DESIGN.md).
+    kind=v4: the released DeepSeek-V4 attention (modules/v4_attention.py), sized by ``v4``
+      (its own heads, widths, window, blocks, top-k and cache format; the MLA/MHA fields,
+      ``kv_cache`` and ``vvpa`` are not used: V4 always rotates the output back by R(-t)).
+      ``compress_ratios`` gives each layer its kind: 0 = sliding window only,
+      ``v4.csa_ratio`` = CSA, ``v4.hca_ratio`` = HCA; one entry per layer. V4-Flash: two
+      sliding-only layers, then CSA and HCA alternating (CSA first here: an assumption;
+      ``v4_cycle: [hca, csa]`` swaps them). Empty = the V4-Flash pattern at the model's depth
+      (:func:`v4_layer_ratios`): ``v4_sliding_layers`` sliding-only layers, then the kinds
+      of ``v4_cycle`` in turn (['csa', 'hca'] alternating; ['hca'] = no CSA), so one
+      experiment fits the tiny and the small model.
     """
 
     kind: str = "mla"
@@ -93,12 +104,59 @@ class AttentionConfig:
     vvpa: bool = False
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    v4: V4AttentionConfig = field(default_factory=V4AttentionConfig)
+    compress_ratios: list[int] = field(default_factory=list)
+    v4_sliding_layers: int = 2
+    v4_cycle: list[str] = field(default_factory=lambda: ["csa", "hca"])
 
-    def validate(self, path: str, dim: int) -> None:
+    def layer_ratios(self, n_layers: int) -> list[int]:
+        """Compress ratio of every layer (kind v4): ``compress_ratios`` or, when empty, the
+        V4-Flash pattern scaled to this config's blocks."""
+        if self.compress_ratios:
+            return list(self.compress_ratios)
+        return v4_layer_ratios(n_layers, self.v4, self.v4_sliding_layers, self.v4_cycle)
+
+    def layer_kinds(self, path: str, n_layers: int) -> list[str]:
+        """'sliding' | 'csa' | 'hca' per layer (kind v4), checked: ConfigError naming
+        ``path.compress_ratios`` on a wrong length or an unknown ratio."""
+        return self.v4.validate_layers(f"{path}.compress_ratios", self.layer_ratios(n_layers), n_layers)
+
+    def validate_sequence(self, path: str, seq_len: int, n_layers: int, what: str = "") -> None:
+        """Kind v4: window, blocks and CSA top-k fit sequences of ``seq_len`` tokens
+        (``what`` names where the length comes from in the message)."""
+        if self.kind != "v4":
+            return
+        kinds = self.layer_kinds(path, n_layers)
+        try:
+            self.v4.validate_sequence(f"{path}.v4", seq_len, kinds)
+        except ConfigError as e:
+            raise ConfigError(f"{e} {what}".rstrip()) from None
+
+    def validate(self, path: str, dim: int, n_layers: int | None = None,
+                 max_seq_len: int | None = None) -> None:
         require_choice(f"{path}.kind", self.kind, ATTENTION_KINDS)
         require_positive(f"{path}.n_heads", self.n_heads)
         self.kv_cache.validate(f"{path}.kv_cache")
         self.sparse.validate(f"{path}.sparse")
+        if self.kind == "v4":
+            self.v4.validate(f"{path}.v4")
+            require(isinstance(self.v4_sliding_layers, int) and self.v4_sliding_layers >= 0,
+                    f"{path}.v4_sliding_layers", self.v4_sliding_layers, "an integer >= 0")
+            require(len(self.v4_cycle) > 0 and all(k in ("csa", "hca") for k in self.v4_cycle),
+                    f"{path}.v4_cycle", self.v4_cycle, "a non-empty list of 'csa' and 'hca'")
+            if n_layers is None:
+                return
+            kinds = self.layer_kinds(path, n_layers)
+            require(not (self.sparse.enabled and "csa" in kinds), f"{path}.sparse.enabled",
+                    self.sparse.enabled, "false when attention.kind='v4' has CSA layers (CSA "
+                    "already selects top-k entries with its own indexer; token-level sparse MLA "
+                    "is an MLA switch)")
+            if max_seq_len is not None:  # the decode cache holds at most max_seq_len tokens
+                self.validate_sequence(path, max_seq_len, n_layers,
+                                       f"(model.max_seq_len={max_seq_len}, the cache's length)")
+            return
+        require(not self.compress_ratios, f"{path}.compress_ratios", self.compress_ratios,
+                f"empty unless {path}.kind='v4' (kind is {self.kind!r})")
         if self.kind == "mha":
             require(dim % self.n_heads == 0, f"{path}.n_heads", self.n_heads,
                     f"a divisor of model.dim={dim}")
@@ -124,6 +182,16 @@ class AttentionConfig:
             require(self.kv_lora_rank % bs == 0, f"{path}.kv_lora_rank", self.kv_lora_rank,
                     f"a multiple of kv_cache.block_size={bs} when kv_cache.dtype="
                     f"{self.kv_cache.dtype!r}")
+
+
+def v4_layer_ratios(n_layers: int, v4: V4AttentionConfig, sliding_layers: int,
+                    cycle: list[str]) -> list[int]:
+    """The V4-Flash layer pattern at any depth: ``sliding_layers`` sliding-only layers (as
+    many as leave room for one round of ``cycle``; none without the window), then the
+    compressed kinds of ``cycle`` in turn (V4-Flash: 2, then csa, hca, csa, hca, ...)."""
+    ratio = {"csa": v4.csa_ratio, "hca": v4.hca_ratio}
+    head = min(sliding_layers, max(n_layers - len(cycle), 0)) if v4.use_window else 0
+    return [0] * head + [ratio[cycle[i % len(cycle)]] for i in range(n_layers - head)]
 
 
 @dataclass

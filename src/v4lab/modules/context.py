@@ -36,6 +36,8 @@ class ForwardContext:
     hc_track / hc_product: with hyper-connections, whether to track (training and
       validation) and the running product H_1 H_2 ... of the residual-mixing matrices of
       the sites run so far, [B, T, n, n] (no gradient).
+    hidden: [B, T, dim] the last block's output before the final norm (set only when the
+      model has an MTP block, whose input it is).
     """
 
     positions: torch.Tensor
@@ -48,6 +50,7 @@ class ForwardContext:
     prefetched: dict[str, Any] = field(default_factory=dict)
     hc_track: bool = False
     hc_product: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
     _rope: dict = field(default_factory=dict, repr=False)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:

@@ -39,18 +39,24 @@ MAX_BUILT_DEPTH = 1
 
 @dataclass
 class MTPConfig:
-    """enabled: add the MTP module; depth: predicted tokens beyond the next (only 1 is
-    built); loss_weight: lambda, the MTP loss's weight in the objective."""
+    """depth: predicted tokens beyond the next (0 = no MTP module; only depth 1 is built);
+    loss_weight: lambda, the MTP loss's weight in the objective until the learning rate
+    decays, decay_loss_weight after (V4: 0.3, then 0.1)."""
 
-    enabled: bool = False
-    depth: int = 1
+    depth: int = 0
     loss_weight: float = 0.3
+    decay_loss_weight: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return self.depth > 0
 
     def validate(self, path: str = "model.mtp") -> MTPConfig:
-        require(isinstance(self.depth, int) and 1 <= self.depth <= MAX_BUILT_DEPTH,
+        require(isinstance(self.depth, int) and 0 <= self.depth <= MAX_BUILT_DEPTH,
                 f"{path}.depth", self.depth,
-                f"an integer in [1, {MAX_BUILT_DEPTH}] (only depth {MAX_BUILT_DEPTH} is built)")
+                f"an integer in [0, {MAX_BUILT_DEPTH}] (0 = off; only depth {MAX_BUILT_DEPTH} is built)")
         require(self.loss_weight >= 0, f"{path}.loss_weight", self.loss_weight, ">= 0")
+        require(self.decay_loss_weight >= 0, f"{path}.decay_loss_weight", self.decay_loss_weight, ">= 0")
         return self
 
 
@@ -84,16 +90,20 @@ class MTP(nn.Module):
 
     def loss(self, h: torch.Tensor, tokens: torch.Tensor,
              ctx: ForwardContext | None = None) -> torch.Tensor:
-        """Weighted MTP loss for a training window.
+        """Weighted MTP loss for a training window: ``loss_weight`` * :meth:`ce`."""
+        return self.loss_weight * self.ce(h, tokens, ctx)
+
+    def ce(self, h: torch.Tensor, tokens: torch.Tensor,
+           ctx: ForwardContext | None = None) -> torch.Tensor:
+        """Mean MTP cross-entropy (nats) for a training window, unweighted.
 
         h: [B, T, dim] main hidden states for inputs tokens[:, :T]; tokens: [B, T+1].
-        Position t < T-1 reads h_t and token t+1 and is scored on token t+2.
+        Position t < T-1 reads h_t and token t+1 and is scored on token t+2. ``ctx``
+        (positions [T-1]) is built when None.
         """
         t = h.shape[1]
         if tokens.shape[1] != t + 1:
             raise ValueError(f"MTP loss: tokens {tuple(tokens.shape)} must be [B, T+1] = "
                              f"[B, {t + 1}] for hidden states of length T={t}")
         logits = self.forward(h[:, :-1], tokens[:, 1:-1], ctx)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                             tokens[:, 2:].reshape(-1))
-        return self.loss_weight * ce
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 2:].reshape(-1))

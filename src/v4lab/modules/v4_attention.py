@@ -25,6 +25,18 @@ the full forward's outputs.
 
 Ablation switches (config): ``use_window`` (no_window), ``sink`` (no_sink), ``overlap``
 (no_overlap: CSA blocks pool their own m tokens only), ``csa_topk``.
+
+Training the CSA indexer (its top-k passes no gradient): in a training or validation
+forward (``ctx.step`` set, no cache) the indexer's scores I [B, T, N] are pulled towards the
+main attention over the compressed entries, as the lab's sparse MLA trains its indexer:
+
+    p(t, .) = sum_h softmax_s(q_h(t) . e_s / sqrt(d), s in S(t)) / H     (no gradient)
+    KL      = mean_t KL(p(t, .) || softmax_s(I(t, s), s in S(t)))         ("v4/indexer_kl")
+
+S(t): every complete entry during ``index_warmup_steps`` (when CSA also attends densely),
+then the indexer's own top-k. The indexer reads x and c_Q detached, so the KL trains only
+the indexer (its compressor, query and weight projections). Logged: the KL and
+``v4/recall``, the share of the main attention's own top-k entries the indexer picked.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from v4lab.modules.compressor import (
 )
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.norm import RMSNorm
+from v4lab.modules.sparse import head_summed_distribution, indexer_kl, recall
 from v4lab.modules.v4_cache import EntryStore, V4LayerCache
 from v4lab.modules.v4_config import LAYER_KINDS, V4AttentionConfig
 
@@ -98,7 +111,8 @@ class V4Attention(nn.Module):
     ``forward(x [B, T, dim], ctx=None, cache=None)`` -> [B, T, dim]; with a cache, x
     continues at ``cache.pos`` and the cache is advanced. The (x, ctx, cache) signature,
     ``new_cache(batch, max_len, device)`` and ``init_weights(std)`` follow the model's
-    block protocol (as MLA does); ctx is only used to check the positions.
+    block protocol (as MLA does); ctx checks the positions and, with ``ctx.step`` set (training
+    and validation), receives the CSA indexer's KL loss and statistics.
     """
 
     def __init__(self, dim: int, cfg: V4AttentionConfig, kind: str) -> None:
@@ -147,7 +161,8 @@ class V4Attention(nn.Module):
     def ratio(self) -> int:
         return self.compressor.ratio if self.compressor is not None else 0
 
-    def _compressed(self, x, q_latent, cache, positions, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compressed(self, x, q, q_latent, cache, positions, cos, sin,
+                    ctx: ForwardContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed entries [B, N, d] and their bias [B or 1, T, N] for this chunk's queries.
 
         Decoding one token without autograd reads only the CSA top-k entries from the cache
@@ -157,18 +172,55 @@ class V4Attention(nn.Module):
             entries = cache.entries.extend(new)
             return entries, keep_bias(usable_entries(positions, entries.shape[1], self.ratio))[None]
         training = torch.is_grad_enabled()
-        with torch.no_grad():  # the top-k choice passes no gradient: no graph for the indexer
-            index_keys = cache.index_keys.extend(self.indexer.keys(x, cache.index))
+        # the indexer learns (KL) in training/validation forwards of whole sequences
+        learn = (ctx is not None and ctx.step is not None and not cache.entries.keep
+                 and self.cfg.index_kl_weight > 0)
+        # without the KL the top-k choice needs no graph: no autograd for the indexer
+        with torch.set_grad_enabled(training and learn):
+            xi = x.detach()
+            index_keys = cache.index_keys.extend(self.indexer.keys(xi, cache.index))
             usable = usable_entries(positions, index_keys.shape[1], self.ratio)
-            scores = self.indexer.scores(x, q_latent, index_keys, cos, sin)
-            bias = topk_entry_bias(scores, usable, self.cfg.csa_topk)
+            scores = self.indexer.scores(xi, q_latent.detach(), index_keys, cos, sin)
+        bias = topk_entry_bias(scores.detach(), usable, self.cfg.csa_topk)
         if x.shape[1] > 1 or training or index_keys.shape[1] == 0:
-            return cache.entries.extend(new), bias
+            entries = cache.entries.extend(new)
+            if learn:
+                dense = ctx.step < self.cfg.index_warmup_steps
+                self._index_kl(q, entries, scores, usable, torch.isfinite(bias), dense, ctx)
+                if dense:  # warm-up: CSA attends to every complete entry
+                    bias = keep_bias(usable)[None]
+            return entries, bias
         if new.shape[1]:
             cache.entries.append(new)
         keep = torch.isfinite(bias[:, 0])  # [B, N]: same count in every row (it depends on t only)
         idx = keep.nonzero()[:, 1].view(x.shape[0], -1)
         return cache.entries.gather(idx).to(x.dtype), bias.new_zeros(x.shape[0], 1, idx.shape[1])
+
+    def _index_kl(self, q: torch.Tensor, entries: torch.Tensor, scores: torch.Tensor,
+                  usable: torch.Tensor, selected: torch.Tensor, dense: bool,
+                  ctx: ForwardContext) -> None:
+        """The indexer's KL loss and statistics (module docstring) for a whole sequence.
+
+        q: [B, T, H, d] (RoPE'd queries); entries: [B, N, d]; scores: [B, T, N] indexer
+        scores (with gradient); usable: [T, N]; selected: [B, T, N] the indexer's top-k."""
+        r0 = self.ratio - 1  # queries before the first complete block have no entry
+        if q.shape[1] <= r0 or entries.shape[1] == 0:
+            return
+        q, scores, usable, selected = q[:, r0:], scores[:, r0:], usable[r0:], selected[:, r0:]
+        with torch.no_grad():
+            logits = torch.einsum("bthd,bsd->bhts", q.float(), entries.float()) * q.shape[-1] ** -0.5
+            p_dense = head_summed_distribution(logits.masked_fill(~usable, float("-inf")).softmax(-1))
+            if dense:
+                target, mask = p_dense, usable
+            else:
+                target = head_summed_distribution(
+                    logits.masked_fill(~selected[:, None], float("-inf")).softmax(-1))
+                mask = selected
+        kl = indexer_kl(target, scores, mask)
+        if torch.is_grad_enabled():
+            ctx.add_loss("v4/indexer_kl", kl * self.cfg.index_kl_weight)
+        ctx.add_stat("v4/indexer_kl", kl)
+        ctx.add_stat("v4/recall", recall(p_dense, selected, usable, self.cfg.csa_topk))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None,
                 cache: V4LayerCache | None = None) -> torch.Tensor:
@@ -192,7 +244,7 @@ class V4Attention(nn.Module):
             keys.append(k)
             biases.append(bias.expand(b, -1, -1))
         if self.compressor is not None:
-            k, bias = self._compressed(x, q_latent, cache, positions, cos, sin)
+            k, bias = self._compressed(x, q, q_latent, cache, positions, cos, sin, ctx)
             keys.append(k)
             biases.append(bias.expand(b, -1, -1))
         cache.pos += t

@@ -26,6 +26,11 @@ class V4AttentionConfig:
     yarn_factor / yarn_original_len: YaRN on the compressed layers' RoPE (factor 1 = off).
     kv_dtype / kv_block: cache format fp32 | bf16 | fp8 (nope e4m3, one scale per kv_block
       values, rope bf16); training sees the same rounding.
+    index_kl_weight: weight of the CSA indexer's KL loss (its only training signal: KL from
+      the main attention over the compressed entries to the indexer's scores, as the lab's
+      sparse MLA trains its indexer); 0 = the indexer is not trained.
+    index_warmup_steps: training steps in which CSA attends to every complete entry (dense)
+      while the indexer learns; sparse top-k after them.
     """
 
     n_heads: int = 4
@@ -50,6 +55,8 @@ class V4AttentionConfig:
     norm_eps: float = 1e-6
     kv_dtype: str = "fp32"
     kv_block: int = 64
+    index_kl_weight: float = 1.0
+    index_warmup_steps: int = 0
 
     def validate(self, path: str) -> None:
         for name in ("n_heads", "head_dim", "rope_dim", "q_lora_rank", "window", "csa_ratio", "hca_ratio",
@@ -69,6 +76,9 @@ class V4AttentionConfig:
                 "a number >= 1 (1 = no YaRN)")
         if self.yarn_factor > 1.0:
             require_positive(f"{path}.yarn_original_len", self.yarn_original_len)
+        require(self.index_kl_weight >= 0, f"{path}.index_kl_weight", self.index_kl_weight, ">= 0")
+        require(isinstance(self.index_warmup_steps, int) and self.index_warmup_steps >= 0,
+                f"{path}.index_warmup_steps", self.index_warmup_steps, "an integer >= 0")
         require_choice(f"{path}.kv_dtype", self.kv_dtype, KV_FORMATS)
         if self.kv_dtype == "fp8":
             nope = self.head_dim - self.rope_dim
