@@ -59,6 +59,8 @@ def _names_in_source() -> dict[str, str]:
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("add_loss", "add_stat"):
                 parts.add(id(node.args[0]))
                 name = _text(node.args[0])
+                if name is None:  # a name passed on (model.mtp_loss): checked where it was added
+                    continue
                 kind = node.func.attr
                 found[f"train/{name}" if kind == "add_loss" else name] = f"{path.name} ({kind})"
                 continue

@@ -50,6 +50,7 @@ from v4lab.data.tasks import (
     min_length,
 )
 from v4lab.errors import ConfigError, require
+from v4lab.metrics import key
 
 
 def check_lengths(cfg: EvalConfig, vocab: TaskVocab, params: TaskParams = DEFAULT_PARAMS,
@@ -148,14 +149,15 @@ def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len:
                                          prefill_chunk=cfg.prefill_chunk)[:, prompts.shape[1]:]
                     correct += sum(exact_match(g, e.answer) for g, e in zip(gen.tolist(), batch))
                 acc = correct / len(exs)
-                metrics[f"task/{task}@{context}/acc"] = acc
-                metrics[f"task/{task}@{context}/chance"] = float(np.mean([e.chance for e in exs]))
+                metrics[key("task/<task>@<context>/acc", task=task, context=context)] = acc
+                metrics[key("task/<task>@<context>/chance", task=task, context=context)] = float(
+                    np.mean([e.chance for e in exs]))
                 accs.append(acc)
-            metrics[f"task/all@{context}/acc"] = float(np.mean(accs))
+            metrics[key("task/<task>@<context>/acc", task="all", context=context)] = float(np.mean(accs))
             first = torch.tensor([exs[0].tokens], dtype=torch.long, device=device)
             ms, held = time_decode(model, first, cfg.timing_tokens, cfg.prefill_chunk)
-            metrics[f"speed/decode_ms_per_token@{context}"] = ms
-            metrics[f"cost/kv_bytes@{context}"] = float(held)
+            metrics[key("speed/decode_ms_per_token@<context>", context=context)] = ms
+            metrics[key("cost/kv_bytes@<context>", context=context)] = float(held)
             if log is not None:
                 log(f"eval @{context}: " + "  ".join(
                     f"{t} {metrics[f'task/{t}@{context}/acc']:.2f}" for t in cfg.tasks)
@@ -163,9 +165,10 @@ def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len:
         for task in cfg.tasks:
             for label, keep in (("acc_trained_lengths", lambda c: train_len is None or c <= train_len),
                                 ("acc_extrapolated", lambda c: train_len is not None and c > train_len)):
-                vals = [metrics[f"task/{task}@{c}/acc"] for c in cfg.contexts if keep(c)]
+                vals = [metrics[key("task/<task>@<context>/acc", task=task, context=c)]
+                        for c in cfg.contexts if keep(c)]
                 if vals:
-                    metrics[f"task/{task}/{label}"] = float(np.mean(vals))
+                    metrics[key(f"task/<task>/{label}", task=task)] = float(np.mean(vals))
     finally:
         if max_len is not None:
             model.cfg.max_seq_len = max_len

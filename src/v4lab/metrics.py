@@ -66,6 +66,10 @@ PIECE_STATS = (
     Metric("sparse/indexer_kl", "nats", LOWER, QUALITY, doc="KL(dense attention || indexer scores)"),
     Metric("sparse/recall", "fraction", HIGHER, QUALITY,
            doc="dense attention mass on the keys the indexer selected"),
+    Metric("v4/indexer_kl", "nats", LOWER, QUALITY,
+           doc="KL(compressed-entry attention || CSA indexer scores)"),
+    Metric("v4/recall", "fraction", HIGHER, QUALITY,
+           doc="attention mass on the compressed entries the CSA indexer selected"),
     Metric("hc/fwd_gain", "ratio", NONE, QUALITY,
            doc="largest row sum of the product of mHC mixing matrices across depth (1 for mHC)"),
     Metric("hc/bwd_gain", "ratio", NONE, QUALITY, doc="the same for columns (gradient growth)"),
@@ -73,7 +77,7 @@ PIECE_STATS = (
     Metric("engram/bucket_collision_rate", "fraction", LOWER, QUALITY,
            doc="n-gram lookups sharing a hash bucket with another n-gram"),
 )
-AUX_LOSSES = ("moe/aux_loss", "sparse/indexer_kl")  # ForwardContext.add_loss: train/<name>
+AUX_LOSSES = ("moe/aux_loss", "sparse/indexer_kl", "v4/indexer_kl")  # ForwardContext.add_loss: train/<name>
 
 # Projection figures (chips.project): with a ``proj_`` prefix for throughputs, for the
 # run's own model (chip/<figure>) and each scale preset (chip/<preset>/<figure>).
@@ -99,6 +103,7 @@ METRICS: tuple[Metric, ...] = (
     # -- quality: training (lit.LitLM, train.CurveLog) --------------------------------
     _q("train/loss", "nats/token", doc="mean next-token loss of the last logged step"),
     _q("train/answer_loss", "nats/token", doc="loss on task answer tokens"),
+    _q("train/mtp_loss", "nats/token", doc="MTP head's cross-entropy on token t+2 (unweighted)"),
     Metric("train/lr", "1", NONE, QUALITY, doc="learning rate of the first parameter group"),
     *(Metric(f"train/{a}", "loss", LOWER, QUALITY, doc="auxiliary loss") for a in AUX_LOSSES),
     Metric("train/steps", "steps", NONE, QUALITY, doc="optimizer steps taken"),
