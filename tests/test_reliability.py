@@ -91,6 +91,22 @@ def test_keys_that_may_change_on_resume_are_not_a_different_configuration(finish
     assert "eval.tasks" not in run_identity(config)
 
 
+def test_config_keys_added_to_the_code_since_a_run_are_not_a_different_configuration():
+    """A folder saved before a key existed resumes when the key has its default value."""
+    from omegaconf import OmegaConf
+
+    from v4lab.config import load_run_config
+    from v4lab.train import config_diff
+
+    config = asdict(load_run_config(compose(["+experiment=baseline", "trainer=smoke"])))
+    config.pop("reevaluate")
+    new = OmegaConf.to_container(OmegaConf.create(config))
+    saved = {k: v for k, v in new.items() if k != "combine_as"}  # saved before combine_as existed
+    assert config_diff(saved, new) == []
+    renamed = {**new, "combine_as": "x"}
+    assert config_diff(saved, renamed) == ['combine_as="x" (this folder\'s run: (absent))']
+
+
 def test_rerun_with_another_configuration_is_refused_by_run_py_and_keeps_hydra_record(tmp_path, data_root):
     """From the command line: exit 1, one line on stderr, nothing in the folder rewritten
     (Hydra's own .hydra/ record included: run.py writes it only for an accepted run)."""

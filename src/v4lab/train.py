@@ -37,7 +37,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from v4lab import chips, distributed, tracking
-from v4lab.config import RunConfig, load_run_config, run_identity
+from v4lab.config import RunConfig, flatten, load_run_config, run_identity
 from v4lab.data.canonical import build_canonical_ids
 from v4lab.data.datamodule import CorpusDataModule
 from v4lab.data.prepare import prepare, token_byte_lengths
@@ -111,10 +111,18 @@ _ABSENT = object()
 
 
 def config_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key=new (this folder's run: old)`` for every key of the run's identity that differs."""
+    """``key=new (this folder's run: old)`` for every key of the run's identity that differs.
+    A key the saved config lacks is no difference when the new value is the schema's
+    default (a key added to the code since: the saved run ran as if it had it)."""
     a, b = run_identity(saved), run_identity(new)
+    defaults = flatten(asdict(RunConfig()))
+
+    def differs(k: str) -> bool:
+        old, value = a.get(k, _ABSENT), b.get(k, _ABSENT)
+        return old != value and not (old is _ABSENT and k in defaults and value == defaults[k])
+
     return [f"{k}={_fmt(b.get(k, _ABSENT))} (this folder's run: {_fmt(a.get(k, _ABSENT))})"
-            for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+            for k in sorted(set(a) | set(b)) if differs(k)]
 
 
 def checkpoint_step(path: Path) -> int:
@@ -399,12 +407,12 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                 on_start(run_dir)
             # also what the extra local DDP processes start from
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
-        return _run(run_cfg, run_dir, config_dict, step, extra_callbacks, rank_zero)
+        return _run(run_cfg, run_dir, config_dict, extra_callbacks, rank_zero)
 
 
-def _run(run_cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], step: int | None,
+def _run(run_cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any],
          extra_callbacks: list[Callback] | None, rank_zero: bool) -> dict[str, Any]:
-    """The run itself, once the folder has accepted it (``step``: of its last.ckpt)."""
+    """The run itself, once the folder has accepted it (resuming from its last.ckpt)."""
     t = run_cfg.trainer
     _quiet_lightning()
     if t.num_threads:
@@ -471,7 +479,7 @@ def _run(run_cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any], step: i
             log_every_n_steps=t.log_every_n_steps, deterministic=True,
             default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO(), *distributed.cluster_plugins()],
         )
-        trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if step is not None else None)
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if last.is_file() else None)
         if record.trained and trainer.global_step == t.max_steps and t.max_steps % t.checkpoint_every_n_steps:
             # The final weights as a checkpoint too (ModelCheckpoint saved only the steps
             # that are multiples): a run killed during its evaluation resumes right there.
