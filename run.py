@@ -50,10 +50,6 @@ def main(cfg: DictConfig) -> None:
         train(cfg, run_dir, on_start=save_hydra_record(cfg, hydra_cfg))
     except (ConfigError, DataError, NonFiniteLossError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
-        try:  # the folder Hydra made for a run refused before it started
-            run_dir.rmdir()
-        except OSError:
-            pass
         sys.exit(1)
 
 

@@ -5,7 +5,10 @@ logs/wandb``; upload with ``wandb sync logs/wandb/offline-run-*``). ``WANDB_MODE
 environment wins over ``logger.mode``. W&B is never allowed to wait on the network
 unless the mode is ``online``, and ``online`` without an API key or without a reachable
 server falls back to offline with one warning, decided in seconds before ``wandb.init``
-(which would otherwise prompt, fail, or retry for about 100 s). A run's W&B record ends
+(which would otherwise prompt, fail, or retry for about 100 s): the key is looked up
+where wandb looks (WANDB_API_KEY, an identity token file, the netrc entry of
+WANDB_BASE_URL's host) and the server, or the HTTPS proxy, must accept a TCP connection
+within ``V4LAB_WANDB_PROBE_S`` seconds (default 3). A run's W&B record ends
 with the run's real exit code: a failed run is recorded as failed.
 """
 
