@@ -2,13 +2,15 @@
 
 Hydra composes YAML from ``conf/``; :func:`load_run_config` merges it onto these
 dataclasses (unknown keys and wrong types fail with OmegaConf's message naming the full
-key) and then checks values (:class:`~v4lab.modules.args.ConfigError` names the key, the
+key) and then checks values (:class:`~v4lab.errors.ConfigError` names the key, the
 value and what is allowed). Nothing trains before this has passed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from v4lab.chips import ChipConfig
 from v4lab.data.config import DataConfig, EvalConfig
 from v4lab.errors import ConfigError, require, require_choice, require_positive
+from v4lab.io import CONF_DIR
 from v4lab.model import ModelConfig
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -145,11 +148,21 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    """One run: which experiment, which seed, and everything it is made of."""
+    """One run: which experiment, which seed, and everything it is made of.
+
+    combine_as: the name of a run that applies several experiment overlays
+      (``+experiment=[a,b] combine_as=a+b``); it replaces ``experiment`` (folder, W&B name,
+      metrics), so a combination never passes for one of its parts. Without it ``run.py``
+      refuses more than one overlay.
+    reevaluate: a request, not part of the run (left out of config.yaml and the hash): a
+      finished run is evaluated again from its final checkpoint and metrics.json rewritten.
+    """
 
     experiment: str = "default"
     study: str = "adhoc"
     seed: int = 0
+    combine_as: str | None = None
+    reevaluate: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -160,6 +173,9 @@ class RunConfig:
     def validate(self) -> RunConfig:
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                 "a non-negative integer")
+        require(self.combine_as is None or NAME.fullmatch(self.combine_as) is not None, "combine_as",
+                self.combine_as, "a folder-safe name (letters, digits, _ . + -)")
+        require_finite(asdict(self))
         self.model.validate("model")
         self.data.validate("data")
         self.trainer.validate("trainer")
@@ -177,6 +193,98 @@ class RunConfig:
         require(self.model.vocab_size == self.data.vocab_size, "model.vocab_size",
                 self.model.vocab_size, f"equal to data.vocab_size={self.data.vocab_size}")
         return self
+
+
+NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def require_finite(tree: Any, path: str = "") -> None:
+    """Every float anywhere in the config is finite: ``trainer.lr=inf`` passes ``lr > 0`` and
+    NaN fails every comparison silently, so both are refused by name here."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            require_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            require_finite(value, f"{path}[{i}]")
+    elif isinstance(tree, float):
+        require(math.isfinite(tree), path, tree, "a finite number")
+
+
+# A run folder belongs to one configuration (v4lab.train checks it on every rerun). These
+# keys may differ between the runs of one folder, because they change neither the weights
+# nor what training saw: where W&B logs and the prepared data live, CPU threads, and the
+# end-of-run evaluation (test batches and the task grid; eval.tasks only where it is not
+# also what training mixes in: train_share = 0 or train_tasks given).
+RESUME_FREE_KEYS = ("logger.*", "data.root", "trainer.num_threads", "trainer.test_batches",
+                    "eval.enabled", "eval.contexts", "eval.n_examples", "eval.batch_size",
+                    "eval.seed", "eval.allow_extrapolation", "eval.prefill_chunk", "eval.timing_tokens")
+# A measured chip's figures (cpu_host) are this machine's timings: re-measured when stale
+# or taken under load (chips.host), so they may change between a run and its resume.
+MEASURED_CHIP_KEYS = ("chip.peak_tflops.*", "chip.hbm_tbps.*", "chip.memory_gb.*")
+
+
+def flatten(tree: Any, path: str = "") -> dict[str, Any]:
+    """``{"trainer": {"lr": 3e-3}}`` -> ``{"trainer.lr": 3e-3}`` (lists stay values)."""
+    if not isinstance(tree, dict) or not tree:
+        return {path: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{path}.{key}" if path else str(key))
+    return out
+
+
+def run_identity(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config without :data:`RESUME_FREE_KEYS`: what a run folder is bound to."""
+    flat = flatten(config_dict)
+    ev = config_dict.get("eval", {})
+    free = RESUME_FREE_KEYS + (("eval.tasks",) if not ev.get("train_share") or ev.get("train_tasks") else ())
+    if config_dict.get("chip", {}).get("measured"):  # cpu_host: peaks re-timed when stale or loaded
+        free += MEASURED_CHIP_KEYS
+    return {k: v for k, v in flat.items()
+            if not any(k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in free)}
+
+
+def check_one_experiment(overrides: list[str], combine_as: str | None) -> None:
+    """One experiment overlay per run (``+experiment=[a,b]`` would silently apply both and
+    write into the folder of the last one), unless the combination is named."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    names: list[str] = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.key_or_group == "experiment":
+            value = o.value()
+            names += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    if len(names) > 1 and combine_as is None:
+        raise ConfigError(
+            f"+experiment=[{','.join(names)}] applies {len(names)} experiment overlays, and a run "
+            f"is one experiment: choose one, or name the combination, e.g. "
+            f"combine_as={'+'.join(names)} (its own folder and W&B run)")
+    if combine_as is not None and (CONF_DIR / "experiment" / f"{combine_as}.yaml").is_file():
+        raise ConfigError(f"combine_as={combine_as} is not allowed: conf/experiment/{combine_as}.yaml is "
+                          "an experiment of that name; choose a name of its own")
+
+
+DEFAULT_STUDY, DEFAULT_TRAINER = "adhoc", "cpu"
+
+
+def run_name(experiment: str, combine_as: str | None, seed: int, study: str, trainer: str | None) -> str:
+    """A run's folder name (``hydra.run.dir`` / ``hydra.sweep.subdir`` in conf/config.yaml):
+    ``<experiment>-s<seed>``, with the trainer profile added for an ad-hoc run on a profile
+    other than the default (``no_vvpa-smoke-s0``), so the README's lines never share a
+    folder. A study's runs keep ``<experiment>-s<seed>``: its manifest fixes their profile."""
+    name = combine_as or experiment
+    if study == DEFAULT_STUDY and trainer not in (None, "", DEFAULT_TRAINER):
+        name = f"{name}-{trainer}"
+    return f"{name}-s{seed}"
+
+
+def _run_name(experiment, combine_as, seed, study, trainer) -> str:
+    return run_name(str(experiment), None if combine_as in (None, "None", "null") else str(combine_as),
+                    seed, str(study), None if trainer is None else str(trainer))
+
+
+OmegaConf.register_new_resolver("v4lab.run_name", _run_name, replace=True)
 
 
 def _gpus_per_node(accelerator: str, devices: int) -> int:
@@ -197,11 +305,13 @@ def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    if cfg.get("combine_as"):
+        cfg["experiment"] = cfg["combine_as"]
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     run_cfg = OmegaConf.to_object(merged)
     assert isinstance(run_cfg, RunConfig)
     return run_cfg.validate()
 
 
-__all__ = ["LoggerConfig", "RunConfig", "TrainerConfig",
-           "load_run_config"]
+__all__ = ["RESUME_FREE_KEYS", "LoggerConfig", "RunConfig", "TrainerConfig", "check_one_experiment",
+           "load_run_config", "run_identity", "run_name"]

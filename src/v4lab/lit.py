@@ -135,8 +135,8 @@ class LitLM(L.LightningModule):
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}; total with auxiliary losses "
-                f"{total.item()}) at step {self.global_step}: stopping. The last good "
-                "checkpoint is kept; lower trainer.lr or check the data.")
+                f"{total.item()}) at step {self.global_step}: stopping. {self._kept()}; "
+                "lower trainer.lr or check the data.")
         self.log("train/loss", loss, prog_bar=True)
         if self.last_answer[1] > 0:
             self.log("train/answer_loss", self.last_answer[0] / self.last_answer[1])
@@ -168,14 +168,22 @@ class LitLM(L.LightningModule):
 
             quantize_fp4_(self.model)
 
+    def _kept(self) -> str:
+        """What a non-finite loss leaves behind: the last good checkpoint, where one exists
+        (``last_checkpoint``, set by v4lab.train)."""
+        path = getattr(self, "last_checkpoint", None)
+        if path is not None and path.is_file():
+            return f"The last good checkpoint is kept ({path})"
+        return "No checkpoint was written before it (none is kept)"
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to overwrite the last good checkpoint with non-finite weights."""
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteLossError(
                 f"non-finite weights at step {self.global_step} ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}): not saving; the last good checkpoint "
-                "is kept. Lower trainer.lr or check the data.")
+                f"{', ...' if len(bad) > 3 else ''}): not saving. {self._kept()}; lower "
+                "trainer.lr or check the data.")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The step, then the pieces' running state (MoE's bias). Here rather than in

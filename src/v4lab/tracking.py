@@ -3,22 +3,83 @@
 Offline runs live under ``<logger.dir>/wandb/`` (look at them with ``wandb leet
 logs/wandb``; upload with ``wandb sync logs/wandb/offline-run-*``). ``WANDB_MODE`` in the
 environment wins over ``logger.mode``. W&B is never allowed to wait on the network
-unless the mode is ``online``.
+unless the mode is ``online``, and ``online`` without an API key or without a reachable
+server falls back to offline with one warning, decided in seconds before ``wandb.init``
+(which would otherwise prompt, fail, or retry for about 100 s): the key is looked up
+where wandb looks (WANDB_API_KEY, an identity token file, the netrc entry of
+WANDB_BASE_URL's host) and the server, or the HTTPS proxy, must accept a TCP connection
+within ``V4LAB_WANDB_PROBE_S`` seconds (default 3). A run's W&B record ends
+with the run's real exit code: a failed run is recorded as failed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import netrc
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from v4lab.config import RunConfig
+
+log = logging.getLogger("v4lab")
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+PROBE_TIMEOUT_S = 3.0  # one TCP connect to the W&B server (or the proxy) before going online
 
 
 def wandb_mode(cfg: RunConfig) -> str:
     mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
     return mode if mode in ("online", "offline", "disabled") else "offline"
+
+
+def _has_api_key(base_url: str) -> bool:
+    """An API key wandb would find without asking: WANDB_API_KEY (non-empty), an identity
+    token file, or a netrc entry for the server (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        creds = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(creds and creds[2])
+
+
+def _unreachable(base_url: str, timeout: float) -> str | None:
+    """Why the W&B server (or the HTTPS proxy in front of it) cannot be reached, or None."""
+    parts = urlsplit(base_url)
+    proxy = os.environ.get("HTTPS_PROXY" if parts.scheme == "https" else "HTTP_PROXY") or os.environ.get(
+        "https_proxy" if parts.scheme == "https" else "http_proxy")
+    target = urlsplit(proxy) if proxy else parts
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} unreachable ({e.strerror or type(e).__name__})"
+
+
+def resolve_mode(cfg: RunConfig) -> str:
+    """The mode this run logs in (set as WANDB_MODE for wandb unless disabled): ``online``
+    only when an API key exists and the server answers a TCP connect within seconds."""
+    mode = wandb_mode(cfg)
+    if mode == "online":
+        base_url = os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+        timeout = float(os.environ.get("V4LAB_WANDB_PROBE_S", PROBE_TIMEOUT_S))
+        why = (None if _has_api_key(base_url) else "no API key (WANDB_API_KEY or `wandb login`)") \
+            or _unreachable(base_url, timeout)
+        if why:
+            log.warning(f"W&B: online mode asked for, but {why}: logging offline under "
+                        f"{Path(cfg.logger.dir) / 'wandb'}; upload later with `wandb sync`")
+            mode = "offline"
+        os.environ["WANDB_MODE"] = mode  # a fallback also holds for the later runs of a sweep
+    elif mode == "offline":
+        os.environ["WANDB_MODE"] = mode
+    return mode
 
 
 def run_tags(cfg: RunConfig) -> list[str]:
@@ -38,10 +99,9 @@ def run_tags(cfg: RunConfig) -> list[str]:
 
 def make_logger(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]):
     """A Lightning WandbLogger for this run, or None when W&B is disabled."""
-    mode = wandb_mode(cfg)
+    mode = resolve_mode(cfg)
     if mode == "disabled":
         return None
-    os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
     from lightning.pytorch.loggers import WandbLogger
 
@@ -56,12 +116,13 @@ def make_logger(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]):
     )
 
 
-def finish() -> None:
-    """Close the current W&B run, if any (always call in a ``finally``)."""
+def finish(exit_code: int = 0) -> None:
+    """Close the current W&B run, if any, recording how the run ended (0: finished,
+    otherwise failed). Always call in a ``finally``."""
     try:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
     except Exception:  # pragma: no cover - closing must never mask the real error
         pass

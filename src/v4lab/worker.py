@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args[0])
     cfg = load_run_config(OmegaConf.load(run_dir / "config.yaml"))
-    train(cfg, run_dir)
+    train(cfg, run_dir, worker=True)  # rank 0 has checked and locked the folder
     return 0
 
 

@@ -7,8 +7,9 @@ trained on the train split only, and each split becomes a uint16 memmap of token
 documents separated by the end-of-text token. ``manifest.json`` records the source, the
 Python version, counts, and sha256 digests of the corpus and of every written file.
 
-Preparation is idempotent (a prepared folder whose manifest matches is reused) and atomic
-(everything is written to a temporary folder that is renamed into place at the end).
+Preparation is idempotent (a prepared folder whose manifest matches is reused, and only
+read: a complete corpus on a read-only disk is fine) and atomic (everything is written to
+a temporary folder that is renamed into place at the end).
 
     python -m v4lab.data.prepare                      # the default corpus
     python -m v4lab.data.prepare data.source=~/code data.vocab_size=8192
@@ -75,7 +76,8 @@ def _matches(relpath: str, patterns: list[str] | tuple[str, ...]) -> bool:
 def collect_files(cfg: DataConfig) -> list[SourceFile]:
     """Files of the source matching include and not exclude, sorted by relative path.
 
-    Files that are not valid UTF-8 are skipped (their count goes into the manifest).
+    Files that are not valid UTF-8 are skipped; when every matching file is, the error
+    says so (and names one) rather than that nothing matched.
     """
     root = source_root(cfg)
     exclude = list(cfg.exclude) + (list(STDLIB_EXCLUDE) if cfg.source == "stdlib" else [])
@@ -89,12 +91,16 @@ def collect_files(cfg: DataConfig) -> list[SourceFile]:
     rels.sort()
     if cfg.max_files:
         rels = rels[: cfg.max_files]
-    files = []
+    files, not_utf8 = [], []
     for rel in rels:
         try:
             files.append(SourceFile(rel, (root / rel).read_bytes().decode("utf-8")))
         except UnicodeDecodeError:
-            continue
+            not_utf8.append(rel)
+    if not files and not_utf8:
+        raise DataError(f"{len(not_utf8)} files in {root} match data.include={list(cfg.include)} but "
+                        f"none is UTF-8 text (e.g. {root / not_utf8[0]}): convert them to UTF-8 or "
+                        "point data.source at UTF-8 source files")
     if not files:
         raise DataError(f"no files in {root} match data.include={list(cfg.include)} "
                         f"(excluding {exclude})")
@@ -191,8 +197,14 @@ def unigram_bpb(train: np.ndarray, evaluate: np.ndarray, token_bytes: np.ndarray
 def _exclusive(lock_path: Path):
     """Hold an exclusive lock on ``lock_path`` (parallel runs and DDP ranks that need the
     same corpus prepare it once: the others wait, then find it ready)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError as e:
+        raise DataError(f"{lock_path.parent} is not writable ({e.strerror}) and the corpus there is "
+                        "not prepared: prepare it where you can write (data.root=DIR), or ask its owner "
+                        "to run `python -m v4lab.data.prepare` with these data settings") from e
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -201,8 +213,15 @@ def _exclusive(lock_path: Path):
 
 
 def prepare(cfg: DataConfig, force: bool = False, log=print) -> Path:
-    """Prepare the corpus described by ``cfg`` (idempotent); returns its folder."""
+    """Prepare the corpus described by ``cfg`` (idempotent); returns its folder. A complete
+    corpus is only read (no lock taken: the folder is renamed into place whole)."""
     out = prepared_dir(cfg)
+    if not force:
+        try:
+            verify(out)
+            return out
+        except DataError:
+            pass
     with _exclusive(out.parent / f".{out.name}.lock"):
         return _prepare_locked(cfg, out, force, log)
 
