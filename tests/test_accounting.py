@@ -150,6 +150,37 @@ def test_sparse_adds_indexer_keys_to_kv_bytes():
     assert accounting.kv_bytes_per_token(cfg) == 61 * (656 + 128 * 2)
 
 
+@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
+def test_v4_flash_layer_bytes_measured_from_the_stored_tensors(kind):
+    """A V4 attention layer of V4-Flash's cache layout (entries 512 wide with 64 rope
+    channels, fp8 e4m3 in blocks of 64 with fp32 scales, bf16 rope; indexer keys 128
+    wide in bf16; window 128, m = 4, m' = 128; the model width and head count tiny): the
+    bytes its cache holds after 100 and 301 tokens (mid-block, the window full), its
+    growth rate and its window bytes, read off the real stored tensors, equal the arithmetic
+    (604 B per entry, 256 B per indexer key)."""
+    import dataclasses
+
+    from v4lab.modules.v4_attention import V4Attention
+
+    flash = chips.load_model_preset("v4_flash").attention.v4
+    v = dataclasses.replace(flash, n_heads=1, q_lora_rank=16, index_n_heads=1, o_groups=1,
+                            o_lora_rank=8)
+    assert accounting.v4_entry_bytes(v) == 604 and accounting.v4_index_key_bytes(v) == 256
+    torch.manual_seed(0)
+    layer = V4Attention(32, v, kind).eval()
+    x = torch.randn(1, 301, 32)
+    cache = layer.new_cache()
+    with torch.no_grad():
+        layer(x[:, :100], cache=cache)
+        assert cache.nbytes() == accounting.v4_layer_bytes_held(v, kind, 100)
+        layer(x[:, 100:], cache=cache)
+    assert cache.nbytes() == accounting.v4_layer_bytes_held(v, kind, 301)
+    assert cache.window_bytes() == 127 * 604
+    assert cache.bytes_per_token() == accounting.v4_layer_bytes_per_token(v, kind)
+    expected = {"sliding": 127 * 604, "csa": 127 * 604 + 75 * (604 + 256), "hca": 127 * 604 + 2 * 604}
+    assert accounting.v4_layer_bytes_held(v, kind, 301) == expected[kind]
+
+
 # ---- FLOPs against torch's counter ------------------------------------------------------
 def _cpu_sdpa_mapping() -> dict:
     """torch's own SDPA formulas for the CPU flash kernels (unregistered on CPU builds)."""

@@ -313,14 +313,17 @@ def kv_bytes_held(cfg: Any, context: int, include_indexer: bool = True) -> int:
     a = cfg.attention
     if a.kind != "v4":
         return int(context * kv_bytes_per_token(cfg, include_indexer))
-    v = a.v4
-    held = 0
-    for kind in v4_layer_kinds(cfg):
-        if v.use_window:
-            held += min(v.window - 1, context) * v4_entry_bytes(v)
-        if kind != "sliding":
-            idx = v4_index_key_bytes(v) if kind == "csa" and include_indexer else 0
-            held += (context // v4_ratio(v, kind)) * (v4_entry_bytes(v) + idx)
+    return sum(v4_layer_bytes_held(a.v4, kind, context, include_indexer) for kind in v4_layer_kinds(cfg))
+
+
+def v4_layer_bytes_held(v: Any, kind: str, context: int, include_indexer: bool = True) -> int:
+    """Bytes one V4 layer's cache holds after ``context`` tokens (V4LayerCache.nbytes):
+    min(W - 1, context) window entries, floor(context / ratio) compressed entries and, for
+    CSA, as many indexer keys."""
+    held = min(v.window - 1, context) * v4_entry_bytes(v) if v.use_window else 0
+    if kind != "sliding":
+        idx = v4_index_key_bytes(v) if kind == "csa" and include_indexer else 0
+        held += (context // v4_ratio(v, kind)) * (v4_entry_bytes(v) + idx)
     return held
 
 
