@@ -350,13 +350,59 @@ def test_projection_responds_to_switches():
 
 
 def test_engram_in_host_memory_leaves_device_memory():
-    cfg = chips.load_model_preset("v4_flash_est")
+    cfg = chips.load_model_preset("v4_flash")
+    cfg.engram.enabled = True  # the preset's Engram sizes are an estimate, off by default
     on_host = accounting.param_counts(cfg)
     cfg.engram.host_memory = False
     on_device = accounting.param_counts(cfg)
     assert on_host["engram_table"] > 0
     assert on_device["device"] - on_host["device"] == on_host["engram_table"]
     assert on_host["total"] == on_device["total"]
+
+
+def test_v4_flash_projection_works_and_prices_its_own_kv():
+    """The v4_flash preset (V4 attention, mHC, MTP, hash-routed MoE) projects on a chip:
+    every figure finite, KV per token the compressed entries' growth (21 CSA layers x
+    (604 + 256) / 4 + 20 HCA layers x 604 / 128 B), the windows on top in the bytes held
+    per sequence, and a decode step that reads far less than V3's dense MLA at 128K."""
+    chip = chips.load_chip("nvidia_h800")
+    cfg = chips.load_model_preset("v4_flash")
+    r = chips.project(chip, cfg)
+    for key, v in r.items():
+        assert isinstance(v, str) or (math.isfinite(v) and v >= 0), key
+    assert r["kv_bytes_per_token"] == 21 * (604 + 256) / 4 + 20 * 604 / 128
+    assert r["params_total"] == accounting.param_counts(cfg)["total"]  # with the MTP module
+    L = 131072
+    assert accounting.kv_bytes_held(cfg, L) == (43 * 127 * 604 + 21 * (L // 4) * (604 + 256)
+                                                + 20 * (L // 128) * 604)
+    v3 = chips.project(chip, chips.load_model_preset("v3_671b"))
+    assert r[f"decode_tokens_per_s@{L}"] > v3[f"decode_tokens_per_s@{L}"]
+    assert r[f"mem_per_device_gb@{L}"] > 0
+
+
+@pytest.mark.parametrize("experiment", ["v4", "no_csa", "no_window", "full", "baseline"])
+def test_run_switches_priced_at_both_presets(experiment):
+    """A lab experiment's switches at full size: a V4 run at v4_flash keeps V4 attention
+    with the run's V4 switches; at v3_671b (no V4 sizes) it stays MLA; an MLA / MHA run at
+    v4_flash uses the preset's MLA sizes. Every projection works."""
+    from v4lab.config import load_run_config
+    from v4lab.io import compose
+
+    run = load_run_config(compose([f"+experiment={experiment}", "trainer=smoke"])).model
+    chip = chips.load_chip("nvidia_h800")
+    flash = chips.with_switches(chips.load_model_preset("v4_flash"), run)
+    v3 = chips.with_switches(chips.load_model_preset("v3_671b"), run)
+    assert flash.attention.kind == run.attention.kind
+    assert v3.attention.kind == ("mla" if run.attention.kind == "v4" else run.attention.kind)
+    assert (flash.hc.enabled, flash.mtp.depth) == (run.hc.enabled, run.mtp.depth)
+    if run.attention.kind == "v4":
+        assert flash.attention.v4.use_window == run.attention.v4.use_window
+        assert flash.attention.v4_cycle == run.attention.v4_cycle
+        assert flash.attention.v4.head_dim == 512  # the preset's sizes
+    for cfg in (flash, v3):
+        r = chips.project(chip, cfg)
+        assert all(isinstance(v, str) or math.isfinite(v) for v in r.values())
+        assert r["params_total"] == accounting.param_counts(cfg)["total"]
 
 
 def test_chip_metrics_are_flat_and_named():
@@ -378,7 +424,7 @@ def test_chip_metrics_are_flat_and_named():
 def test_cli_prints_projection_table(capsys):
     assert cli.main(["+experiment=chip_ascend_910b"]) == 0
     out = capsys.readouterr().out
-    assert "ascend_910b" in out and "v3_671b" in out and "v4_flash_est" in out
+    assert "ascend_910b" in out and "v3_671b" in out and "v4_flash" in out
     assert "[low]" in out  # the 910B's low-confidence figures are marked
 
 

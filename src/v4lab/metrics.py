@@ -126,7 +126,9 @@ METRICS: tuple[Metric, ...] = (
     # -- cost (train.measure_costs, evaluate.evaluate) ------------------------------------
     Metric("cost/params_total", "parameters", LOWER, COST),
     Metric("cost/params_active", "parameters", LOWER, COST, doc="parameters a token passes through"),
-    Metric("cost/kv_bytes_per_token", "bytes/token", LOWER, COST, doc="KV cache bytes per token"),
+    Metric("cost/kv_bytes_per_token", "bytes/token", LOWER, COST,
+           doc="KV cache bytes per token (V4 attention: growth of compressed entries + indexer keys, "
+               "windows' fixed bytes not included; accounting.kv_bytes_per_token)"),
     Metric("cost/train_flops_per_token", "FLOP/token", LOWER, COST, doc="analytic (accounting)"),
     Metric("cost/train_flops_per_token_counted", "FLOP/token", LOWER, COST,
            doc="counted by torch's FlopCounterMode on the run's model"),

@@ -443,13 +443,14 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_active_params(self) -> int:
-        """Parameters used per token: routed experts count top_k of n, Engram rows only
-        those looked up; the embedding table counts one row."""
+        """Parameters used per token: routed experts count top_k of n (in the MTP block
+        too), Engram rows only those looked up; the embedding table counts one row."""
         total = self.num_params()
         total -= self.tok_emb.weight.numel() - self.cfg.dim
         if self.cfg.tie_embeddings:
             total += self.tok_emb.weight.numel() - self.cfg.dim  # lm_head is the same matrix
-        for blk in self.blocks:
+        blocks = [*self.blocks, *([self.mtp.block] if self.mtp is not None else [])]
+        for blk in blocks:  # the MTP block's MoE routes top_k experts per token too
             inactive = getattr(blk.ffn, "inactive_params_per_token", None)
             if inactive is not None:
                 total -= inactive()

@@ -1,4 +1,4 @@
-"""``python -m v4lab.chips [--scales v3_671b,v4_flash_est] [hydra overrides...]``: a chip
+"""``python -m v4lab.chips [--scales v3_671b,v4_flash] [hydra overrides...]``: a chip
 profile's figures and the roofline projection table of the composed run's model (and the
 scale presets with its switches)."""
 
@@ -91,7 +91,7 @@ def figures_table(chip: ChipConfig) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m v4lab.chips [--scales v3_671b,v4_flash_est] [hydra overrides...]``"""
+    """``python -m v4lab.chips [--scales v3_671b,v4_flash] [hydra overrides...]``"""
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -18,9 +18,9 @@ from typing import Any
 from v4lab.accounting import (
     DTYPE_BYTES,
     decode_flops_per_token,
-    indexer_bytes_per_token_layer,
+    decode_kv_read_bytes,
+    kv_bytes_held,
     kv_bytes_per_token,
-    kv_bytes_per_token_layer,
     param_counts,
     prefill_flops_per_token,
     train_flops_per_token,
@@ -102,25 +102,27 @@ def _prefill(s: _Setup, cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _decode_devices(s: _Setup) -> dict[str, Any]:
+def _decode_devices(s: _Setup, cfg: Any) -> dict[str, Any]:
     """Fewest devices that fit at each context; one deployment for all. b sequences per
     device; if their KV would take more than kv_memory_share of the device, fewer (possibly
     a fraction: one sequence's KV spread over devices)."""
     pj, out = s.pj, {}
     for L in pj.contexts:
-        b = min(float(pj.decode_batch), pj.kv_memory_share * s.mem / (L * s.kv_tok))
-        out[f"devices_needed@{L}"] = max(1, math.ceil(s.weights / (s.mem - b * L * s.kv_tok)))
+        kv_seq = kv_bytes_held(cfg, L)
+        b = min(float(pj.decode_batch), pj.kv_memory_share * s.mem / kv_seq)
+        out[f"devices_needed@{L}"] = max(1, math.ceil(s.weights / (s.mem - b * kv_seq)))
     n = max(out[f"devices_needed@{L}"] for L in pj.contexts)
     return out | {"devices_needed": n, "decode_devices": n}
 
 
 def _decode(s: _Setup, cfg: Any, n: int) -> dict[str, Any]:
     """A step on ``n`` devices reads the resident weights touched by the batch's experts
-    plus each sequence's KV (top-k entries + indexer keys when sparse) and sends MoE
-    dispatch / combine to the other devices."""
-    pj, a, m, out = s.pj, cfg.attention, cfg.moe, {}
+    plus each sequence's KV (top-k entries + indexer keys when sparse; V4: the window,
+    the attended compressed entries and the CSA indexer keys) and sends MoE dispatch /
+    combine to the other devices."""
+    pj, m, out = s.pj, cfg.moe, {}
     for L in pj.contexts:
-        kv_seq = L * s.kv_tok
+        kv_seq = kv_bytes_held(cfg, L)
         b = min(float(pj.decode_batch), (s.mem - s.weights / n) / kv_seq)
         out[f"decode_batch@{L}"] = b
         out[f"mem_per_device_gb@{L}"] = (s.weights / n + b * kv_seq) / 1e9
@@ -129,9 +131,7 @@ def _decode(s: _Setup, cfg: Any, n: int) -> dict[str, Any]:
         touched = (1.0 - (1.0 - m.top_k / m.n_routed_experts) ** tokens_step if s.n_moe
                    else 1.0)
         w_read = (s.weights - s.routed * (1.0 - touched)) / n
-        keys = min(a.sparse.topk, L) if a.kind == "mla" and a.sparse.enabled else L
-        kv_read = cfg.n_layers * (keys * kv_bytes_per_token_layer(cfg)
-                                  + L * indexer_bytes_per_token_layer(cfg))
+        kv_read = decode_kv_read_bytes(cfg, L)
         td = {"compute": b * decode_flops_per_token(cfg, L) / (s.peak * pj.decode_mfu),
               "memory": (w_read + b * kv_read) / s.hbm}
         if s.ic is not None and s.a2a_per_token and n > 1:
@@ -151,7 +151,8 @@ def project(chip: ChipConfig, cfg: Any) -> dict[str, Any]:
     read 3x per pass of ``train_microbatch_tokens``; activations and optimizer traffic
     are not counted. Decode: one deployment of ``devices_needed`` devices, the fewest that
     hold weights + KV of ``decode_batch`` sequences per device at every context (fewer
-    sequences where their KV does not fit, see ProjectionConfig); a step reads the resident
+    sequences where their KV does not fit, see ProjectionConfig; the KV a sequence holds is
+    accounting.kv_bytes_held, with V4's fixed windows); a step reads the resident
     weights touched by the batch's experts plus each sequence's KV (top-k entries + indexer
     keys when sparse) and sends MoE dispatch/combine to other devices. An Engram table in
     host memory is read over ``host_link_gbps`` (lookups can be prefetched: its own bound).
@@ -161,7 +162,7 @@ def project(chip: ChipConfig, cfg: Any) -> dict[str, Any]:
                            "kv_bytes_per_token": s.kv_tok, "weights_gb": s.weights / 1e9}
     out |= _train(s, cfg)
     out |= _prefill(s, cfg)
-    out |= _decode_devices(s)
+    out |= _decode_devices(s, cfg)
     out |= _decode(s, cfg, out["devices_needed"])
     return out
 
