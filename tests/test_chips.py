@@ -64,9 +64,10 @@ def test_every_profile_loads_with_sources(name):
     for key, fig in chip.figures().items():
         assert fig.source.strip(), key
         assert fig.confidence in chips.CONFIDENCES, key
-    # its experiment overlay selects it
-    text = (CONF_DIR / "experiment" / f"chip_{name}.yaml").read_text()
-    assert text.startswith("# @package _global_") and f"override /chip: {name}" in text
+    # the chips study sweeps every profile
+    from v4lab.studies import load_study
+
+    assert name in load_study("chips", CONF_DIR.parent).sweep["chip"]
 
 
 def test_unverified_and_roadmap_figures_are_marked():
@@ -299,7 +300,7 @@ def test_a_built_run_records_the_kv_dtype_it_uses():
     from v4lab.config import load_run_config
     from v4lab.io import compose
 
-    cfg = load_run_config(compose(["+experiment=chip_ascend_910c", "trainer=smoke",
+    cfg = load_run_config(compose(["chip=ascend_910c", "chip.on_unsupported=fallback", "trainer=smoke",
                                    "model.attention.kind=mla",
                                    "model.attention.kv_cache.dtype=fp8"]))
     requested = cfg.model
@@ -376,7 +377,7 @@ def test_chip_metrics_are_flat_and_named():
 
 # ---- CLI ------------------------------------------------------------------------------------
 def test_cli_prints_projection_table(capsys):
-    assert cli.main(["+experiment=chip_ascend_910b"]) == 0
+    assert cli.main(["chip=ascend_910b", "chip.on_unsupported=fallback"]) == 0
     out = capsys.readouterr().out
     assert "ascend_910b" in out and "v3_671b" in out and "v4_flash_est" in out
     assert "[low]" in out  # the 910B's low-confidence figures are marked
@@ -398,14 +399,14 @@ def test_cli_fp8_kv_on_ascend_errors_then_falls_back(capsys):
     assert cli.main(["chip=ascend_910c", *mla_fp8]) == 2  # the profile alone: an error
     out = capsys.readouterr().out
     assert "ascend_910c" in out and "chip.on_unsupported=fallback" in out
-    # the chip_ascend_910c experiment opts into the documented fallback
-    assert cli.main(["+experiment=chip_ascend_910c", *mla_fp8]) == 0
+    # opting into the documented fallback, as the chips study does
+    assert cli.main(["chip=ascend_910c", "chip.on_unsupported=fallback", *mla_fp8]) == 0
     out = capsys.readouterr().out
     assert "KV cache int8" in out and "fallback" in out
 
 
 def test_cli_unknown_experiment_is_a_clear_error(capsys):
-    assert cli.main(["+experiment=chip_nowhere"]) == 2
-    assert "chip_nowhere" in capsys.readouterr().out
+    assert cli.main(["+experiment=nowhere"]) == 2
+    assert "nowhere" in capsys.readouterr().out
 
 

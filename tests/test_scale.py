@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -151,7 +152,10 @@ def test_bad_study_manifest_names_the_problem(tmp_path, changes, message):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
 def test_every_study_manifest_is_valid(name):
     study = load_study(name, ROOT)
-    assert study.name == name and len(study.runs()) == len(study.experiments) * len(study.seeds)
+    sweep = math.prod(len(v) for v in study.sweep.values())
+    assert study.name == name and len(study.rows()) == len(study.experiments) * sweep
+    assert len(study.runs()) == len(study.rows()) * len(study.seeds)
+    assert len({r.name for r in study.runs()}) == len(study.runs())  # one folder per run
 
 
 def test_unknown_study_lists_the_available_ones():

@@ -149,6 +149,7 @@ class RunConfig:
 
     experiment: str = "default"
     study: str = "adhoc"
+    variant: str = ""  # a study's sweep values, part of the run's name (v4lab.studies.manifests)
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +161,8 @@ class RunConfig:
     def validate(self) -> RunConfig:
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                 "a non-negative integer")
+        require(all(c.isalnum() or c in "_.-" for c in self.variant), "variant", self.variant,
+                "letters, digits, '_', '.' and '-' (part of the run folder's name)")
         self.model.validate("model")
         self.data.validate("data")
         self.trainer.validate("trainer")

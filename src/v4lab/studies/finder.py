@@ -1,6 +1,6 @@
 """The one run finder: where a study's runs are and what their ``metrics.json`` hold.
 
-Every run of study ``S`` lands in ``<base>/S/<experiment>-s<seed>/`` with ``<base>``
+Every run of study ``S`` lands in ``<base>/S/<run name>/`` (:attr:`.manifests.Run.name`) with ``<base>``
 ``multirun`` (a sweep, ``python -m v4lab.studies run``) or ``outputs`` (one run at a
 time, e.g. a DVC stage); the first base holding a ``metrics.json`` wins. The report
 (:mod:`v4lab.report.runs`) and ``python -m v4lab.studies status`` both read runs here.
