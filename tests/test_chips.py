@@ -205,12 +205,12 @@ def test_validating_a_run_config_measures_nothing_and_writes_no_file(monkeypatch
 
     monkeypatch.setenv("V4LAB_CACHE_DIR", str(tmp_path / "empty"))
     monkeypatch.setattr(chip_host, "_measure", lambda: pytest.fail("validation measured"))
-    cfg = load_run_config(compose(["trainer=smoke"]))
+    cfg = load_run_config(compose(["profile=smoke"]))
     assert cfg.chip.name == "cpu_host" and cfg.chip.measured and cfg.chip.peak_tflops == {}
     assert not (tmp_path / "empty").exists()  # no cache written
     # values that need no measurement are still checked
     with pytest.raises(ConfigError, match="chip.matmul_dtype"):
-        load_run_config(compose(["trainer=smoke", "chip.matmul_dtype=fp8"]))
+        load_run_config(compose(["profile=smoke", "chip.matmul_dtype=fp8"]))
     calls = _fake_timing(monkeypatch)
     model_cfg, matmul, _ = chips.build_numerics(cfg.chip, cfg.model)
     assert calls == [1] and cfg.chip.peak_tflops["fp32"].value == 0.2 and matmul == "fp32"
@@ -300,7 +300,7 @@ def test_a_built_run_records_the_kv_dtype_it_uses():
     from v4lab.config import load_run_config
     from v4lab.io import compose
 
-    cfg = load_run_config(compose(["chip=ascend_910c", "chip.on_unsupported=fallback", "trainer=smoke",
+    cfg = load_run_config(compose(["chip=ascend_910c", "chip.on_unsupported=fallback", "profile=smoke",
                                    "model.attention.kind=mla",
                                    "model.attention.kv_cache.dtype=fp8"]))
     requested = cfg.model

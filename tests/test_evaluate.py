@@ -174,8 +174,8 @@ def test_run_config_validates_eval_before_training():
         load_run_config(compose(["eval.contexts=[1024,4096]"]))
     # evaluation off: the grid is never decoded, so it need not fit the rotary range (the
     # chips study once stopped on this with the tiny model)
-    assert load_run_config(compose(["eval=off", "model=tiny"])).eval.contexts[-1] > 512
-    cfg = load_run_config(compose(["eval=long_context"]))
+    assert load_run_config(compose(["tasks=off", "model=tiny"])).eval.contexts[-1] > 512
+    cfg = load_run_config(compose(["tasks=long_context"]))
     assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 2048 and cfg.eval.train_share == 0.5
     assert cfg.eval.answer_loss_weight == 1.0
     with pytest.raises(ConfigError, match="eval.train_share"):

@@ -33,7 +33,7 @@ def _checkout(tmp_path: Path, **changes) -> Path:
     (tmp_path / "experiments").mkdir()
     data = {"name": "sw", "experiments": ["baseline", "mha"], "sweep": {"chip": CHIPS},
             "seeds": [0, 1], "baseline": "baseline-chip_cpu_host", "metrics": ["val/bpb"],
-            "overrides": ["trainer=smoke", "chip.on_unsupported=fallback"], **changes}
+            "overrides": ["profile=smoke", "chip.on_unsupported=fallback"], **changes}
     (tmp_path / "experiments" / "sw.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return tmp_path
 
@@ -53,7 +53,7 @@ def test_sweep_expands_experiments_x_values_x_seeds(tmp_path):
     assert runs[2].overrides() == ["chip=nvidia_h800", "variant=-chip_nvidia_h800"]
     assert multirun_command(study)[1:] == [
         "run.py", "-m", "+experiment=baseline,mha", "seed=0,1", "study=sw", "chip=cpu_host,nvidia_h800",
-        "variant=-chip_${hydra:runtime.choices.chip}", "trainer=smoke", "chip.on_unsupported=fallback"]
+        "variant=-chip_${hydra:runtime.choices.chip}", "profile=smoke", "chip.on_unsupported=fallback"]
 
 
 def test_without_a_sweep_rows_are_the_experiments(tmp_path):
@@ -104,7 +104,7 @@ def test_dvc_stages_finder_and_report_rows_use_the_run_names(tmp_path):
     assert list(train["foreach"]) == [f"sw-{r.name}" for r in study.runs()]
     item = train["foreach"]["sw-mha-chip_nvidia_h800-s1"]
     assert item["run"] == "mha-chip_nvidia_h800-s1" and item["experiment"] == "mha" and item["seed"] == 1
-    assert item["overrides"] == ("chip=nvidia_h800 variant=-chip_nvidia_h800 trainer=smoke "
+    assert item["overrides"] == ("chip=nvidia_h800 variant=-chip_nvidia_h800 profile=smoke "
                                  "chip.on_unsupported=fallback")
     assert train["do"]["outs"][0] == "outputs/${item.study}/${item.run}/config.yaml"
     assert "outputs/sw/mha-chip_nvidia_h800-s1/metrics.json" in stages["sw"]["deps"]
@@ -190,7 +190,7 @@ def test_swept_study_runs_as_one_multirun_into_the_named_folders(tmp_path, data_
     r = subprocess.run([sys.executable, "-m", "v4lab.studies", "run", str(root / "experiments" / "sw.yaml"),
                         f"hydra.sweep.dir={sweep_dir}", f"data.root={data_root}", *TINY_DATA,
                         "trainer.max_steps=3", "trainer.warmup_steps=1", "trainer.val_every_n_steps=3",
-                        "trainer.seq_len=48", "eval=off", f"logger.dir={tmp_path / 'logs'}"],
+                        "trainer.seq_len=48", "tasks=off", f"logger.dir={tmp_path / 'logs'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     study = load_study("sw", root)

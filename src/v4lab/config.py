@@ -197,6 +197,9 @@ def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    if isinstance(cfg.get("eval"), str):  # eval=<name> was the task group's name before
+        raise ConfigError(f"eval={cfg['eval']} is not allowed: eval.* is filled by the tasks group "
+                          "(what runs mix into training and evaluate): tasks=" + str(cfg["eval"]))
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     run_cfg = OmegaConf.to_object(merged)
     assert isinstance(run_cfg, RunConfig)
