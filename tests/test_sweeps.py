@@ -129,6 +129,31 @@ def test_dvc_stages_finder_and_report_rows_use_the_run_names(tmp_path):
     assert sorted(set(curves(study, runs)["experiment"].to_list())) == sorted(study.rows())
 
 
+def test_a_swept_study_is_published_with_one_row_and_colour_per_chip(tmp_path, monkeypatch):
+    from v4lab.report.publish import build
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    study, root = _load(tmp_path, experiments=["full"], baseline="full-chip_cpu_host", seeds=[0, 1],
+                        metrics=["val/bpb", "chip/v3_671b/proj_train_tokens_per_s"])
+    for r in study.runs():
+        d = root / "outputs" / "sw" / r.name
+        d.mkdir(parents=True)
+        chip = r.axes[0][1]
+        (d / "metrics.json").write_text(json.dumps({
+            "experiment": "full", "seed": r.seed, "chip/name": chip, "val/bpb": 3.0 + r.seed / 10,
+            "cost/params_active": 800.0, "chip/v3_671b/proj_train_tokens_per_s": 10.0 + (chip == "cpu_host"),
+            "chip/v3_671b/proj_decode_tokens_per_s@32768": 100.0}))
+        (d / "curves.csv").write_text("step,val/bpb\n10,3.5\n20,3.1\n")
+    build(study, root)
+    md = (root / "reports" / "sw.md").read_text()
+    assert "| **full-chip_cpu_host** (baseline) | 2 |" in md and "| full-chip_nvidia_h800 | 2 |" in md
+    assert "x chip ['cpu_host', 'nvidia_h800'] x seeds [0, 1]" in md
+    figures = sorted(p.name for p in (root / "reports" / "figures" / "sw").glob("*.png"))
+    assert figures == ["chip_projections.png", "cost_vs_quality.png", "learning_curves.png"]
+    prov = json.loads((root / "reports" / "sw.json").read_text())
+    assert prov["sweep"] == {"chip": CHIPS} and prov["baseline"] == "full-chip_cpu_host"
+
+
 def test_a_misplaced_run_in_a_swept_study_is_named(tmp_path):
     study, root = _load(tmp_path)
     d = root / "outputs" / "sw" / "mha-chip_cpu_host-s0"
@@ -138,6 +163,13 @@ def test_a_misplaced_run_in_a_swept_study_is_named(tmp_path):
 
     assert scan(study, root).bad == [f"{d / 'metrics.json'}: holds experiment='baseline' seed=0, "
                                      "expected 'mha' seed 0"]
+    # right experiment and seed, but another chip's run (its config.yaml says which)
+    (d / "metrics.json").write_text(json.dumps({"experiment": "mha", "seed": 0}))
+    (d / "config.yaml").write_text("experiment: mha\nvariant: -chip_nvidia_h800\nseed: 0\n")
+    assert scan(study, root).bad == [f"{d / 'config.yaml'}: holds variant='-chip_nvidia_h800', "
+                                     "expected '-chip_cpu_host' (the sweep values of mha-chip_cpu_host-s0)"]
+    (d / "config.yaml").write_text("experiment: mha\nvariant: -chip_cpu_host\nseed: 0\n")
+    assert scan(study, root).bad == [] and list(scan(study, root).runs) == ["mha-chip_cpu_host-s0"]
 
 
 @pytest.mark.parametrize(("changes", "message"), [
