@@ -181,6 +181,8 @@ def test_a_misplaced_run_in_a_swept_study_is_named(tmp_path):
     ({"sweep": {"trainer.max_steps": [1.5]}},
      r"sw.yaml: sweep: trainer.max_steps value 1.5 is not allowed: an? int"),
     ({"sweep": {"model.attention": [1]}}, r"sw.yaml: sweep: model.attention is a section, not allowed"),
+    ({"sweep": {"logger.project": ["true"]}},
+     r"sw.yaml: sweep: logger.project value 'true' is not allowed: Hydra reads logger.project=true as True"),
     ({"sweep": {"logger.project": ["a/b"]}},
      r"sw.yaml: sweep: logger.project value 'a/b' is not allowed: letters, digits"),
     ({"sweep": {"chip": ["cpu_host", "cpu_host"]}},

@@ -212,6 +212,12 @@ def _check_key_value(where: str, key: str, value: Any, default: Any) -> None:
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         raise ConfigError(f"{where}: {key} value {value!r} is not allowed: a {type(default).__name__} "
                           f"like the default ({default!r})")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    read = OverridesParser.create().parse_override(f"{key}={value}").value()
+    if str(read) != str(value):  # e.g. the string 'true', which Hydra reads as True
+        raise ConfigError(f"{where}: {key} value {value!r} is not allowed: Hydra reads {key}={value} "
+                          f"as {read!r}, so the run's name and its config would disagree")
 
 
 def parse_sweep(sweep: Any, source: str, root: Path, overrides: list[str]
