@@ -50,7 +50,7 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 def train_speed(run_dir: Path, steps: int, extra: list[str]) -> dict:
     cmd = [sys.executable, "run.py", "+experiment=no_vvpa", f"trainer.max_steps={steps}",
            "trainer.warmup_steps=2", f"trainer.val_every_n_steps={steps}", "trainer.val_batches=1",
-           "trainer.test_batches=1", f"trainer.checkpoint_every_n_steps={steps}", "eval=off",
+           "trainer.test_batches=1", f"trainer.checkpoint_every_n_steps={steps}", "tasks=off",
            "logger.mode=disabled", f"hydra.run.dir={run_dir}", *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:

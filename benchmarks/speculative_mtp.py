@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = args.steps
-    overrides = ["+experiment=v4", "trainer=smoke", f"data.root={args.data_root}", *TINY_DATA,
+    overrides = ["+experiment=v4", "profile=smoke", f"data.root={args.data_root}", *TINY_DATA,
                  "logger.mode=disabled", f"trainer.max_steps={s}", f"trainer.val_every_n_steps={s}",
                  f"trainer.checkpoint_every_n_steps={s}", "trainer.seq_len=64", "trainer.batch_size=8",
                  "trainer.warmup_steps=10"]

@@ -9,7 +9,7 @@ The FLOPs torch's FlopCounterMode counts in the step (causal attention priced as
 the optimizer's elementwise work not at all) are shown beside them.
 
     python benchmarks/train_throughput.py                      # baseline at the cpu size
-    python benchmarks/train_throughput.py --threads=1 +experiment=full trainer=smoke
+    python benchmarks/train_throughput.py --threads=1 +experiment=full profile=smoke
 """
 
 from __future__ import annotations

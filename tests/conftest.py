@@ -36,7 +36,7 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smoke_overrides(data_root) -> list[str]:
     """Overrides for a seconds-long training run on the tiny corpus."""
-    return ["trainer=smoke", f"data.root={data_root}", *TINY_DATA, "logger.mode=disabled",
+    return ["profile=smoke", f"data.root={data_root}", *TINY_DATA, "logger.mode=disabled",
             "trainer.max_steps=12", "trainer.val_every_n_steps=6",
             "trainer.checkpoint_every_n_steps=4", "trainer.seq_len=48"]
 

@@ -345,7 +345,7 @@ def test_cost_model_counts_equal_the_built_model(name):
     from v4lab.config import load_run_config
     from v4lab.io import compose
 
-    cfg = load_run_config(compose([f"+experiment={name}", "trainer=smoke"]))
+    cfg = load_run_config(compose([f"+experiment={name}", "profile=smoke"]))
     model_cfg, _, _ = chips.apply_numerics(cfg.chip, cfg.model)  # pure: nothing measured
     torch.manual_seed(0)
     checks = accounting.cross_check_model(Transformer(model_cfg))

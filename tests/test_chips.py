@@ -64,9 +64,10 @@ def test_every_profile_loads_with_sources(name):
     for key, fig in chip.figures().items():
         assert fig.source.strip(), key
         assert fig.confidence in chips.CONFIDENCES, key
-    # its experiment overlay selects it
-    text = (CONF_DIR / "experiment" / f"chip_{name}.yaml").read_text()
-    assert text.startswith("# @package _global_") and f"override /chip: {name}" in text
+    # the chips study sweeps every profile
+    from v4lab.studies import load_study
+
+    assert name in load_study("chips", CONF_DIR.parent).sweep["chip"]
 
 
 def test_unverified_and_roadmap_figures_are_marked():
@@ -204,12 +205,12 @@ def test_validating_a_run_config_measures_nothing_and_writes_no_file(monkeypatch
 
     monkeypatch.setenv("V4LAB_CACHE_DIR", str(tmp_path / "empty"))
     monkeypatch.setattr(chip_host, "_measure", lambda: pytest.fail("validation measured"))
-    cfg = load_run_config(compose(["trainer=smoke"]))
+    cfg = load_run_config(compose(["profile=smoke"]))
     assert cfg.chip.name == "cpu_host" and cfg.chip.measured and cfg.chip.peak_tflops == {}
     assert not (tmp_path / "empty").exists()  # no cache written
     # values that need no measurement are still checked
     with pytest.raises(ConfigError, match="chip.matmul_dtype"):
-        load_run_config(compose(["trainer=smoke", "chip.matmul_dtype=fp8"]))
+        load_run_config(compose(["profile=smoke", "chip.matmul_dtype=fp8"]))
     calls = _fake_timing(monkeypatch)
     model_cfg, matmul, _ = chips.build_numerics(cfg.chip, cfg.model)
     assert calls == [1] and cfg.chip.peak_tflops["fp32"].value == 0.2 and matmul == "fp32"
@@ -299,7 +300,7 @@ def test_a_built_run_records_the_kv_dtype_it_uses():
     from v4lab.config import load_run_config
     from v4lab.io import compose
 
-    cfg = load_run_config(compose(["+experiment=chip_ascend_910c", "trainer=smoke",
+    cfg = load_run_config(compose(["chip=ascend_910c", "chip.on_unsupported=fallback", "profile=smoke",
                                    "model.attention.kind=mla",
                                    "model.attention.kv_cache.dtype=fp8"]))
     requested = cfg.model
@@ -388,7 +389,7 @@ def test_run_switches_priced_at_both_presets(experiment):
     from v4lab.config import load_run_config
     from v4lab.io import compose
 
-    run = load_run_config(compose([f"+experiment={experiment}", "trainer=smoke"])).model
+    run = load_run_config(compose([f"+experiment={experiment}", "profile=smoke"])).model
     chip = chips.load_chip("nvidia_h800")
     flash = chips.with_switches(chips.load_model_preset("v4_flash"), run)
     v3 = chips.with_switches(chips.load_model_preset("v3_671b"), run)
@@ -422,7 +423,7 @@ def test_chip_metrics_are_flat_and_named():
 
 # ---- CLI ------------------------------------------------------------------------------------
 def test_cli_prints_projection_table(capsys):
-    assert cli.main(["+experiment=chip_ascend_910b"]) == 0
+    assert cli.main(["chip=ascend_910b", "chip.on_unsupported=fallback"]) == 0
     out = capsys.readouterr().out
     assert "ascend_910b" in out and "v3_671b" in out and "v4_flash" in out
     assert "[low]" in out  # the 910B's low-confidence figures are marked
@@ -444,12 +445,12 @@ def test_cli_fp8_kv_on_ascend_errors_then_falls_back(capsys):
     assert cli.main(["chip=ascend_910c", *mla_fp8]) == 2  # the profile alone: an error
     out = capsys.readouterr().out
     assert "ascend_910c" in out and "chip.on_unsupported=fallback" in out
-    # the chip_ascend_910c experiment opts into the documented fallback
-    assert cli.main(["+experiment=chip_ascend_910c", *mla_fp8]) == 0
+    # opting into the documented fallback, as the chips study does
+    assert cli.main(["chip=ascend_910c", "chip.on_unsupported=fallback", *mla_fp8]) == 0
     out = capsys.readouterr().out
     assert "KV cache int8" in out and "fallback" in out
 
 
 def test_cli_unknown_experiment_is_a_clear_error(capsys):
-    assert cli.main(["+experiment=chip_nowhere"]) == 2
-    assert "chip_nowhere" in capsys.readouterr().out
+    assert cli.main(["+experiment=nowhere"]) == 2
+    assert "nowhere" in capsys.readouterr().out

@@ -29,13 +29,34 @@ def test_every_experiment_composes_and_names_itself(name):
     # the model it describes can be built
     from v4lab.model import Transformer
 
-    small = load_run_config(compose([f"+experiment={name}", "trainer=smoke"]))
+    small = load_run_config(compose([f"+experiment={name}", "profile=smoke"]))
     Transformer(small.model)
 
 
-def test_trainer_smoke_selects_tiny_model_but_command_line_wins():
-    assert load_run_config(compose(["trainer=smoke"])).model.dim == 64
-    assert load_run_config(compose(["trainer=smoke", "model=small"])).model.dim == 192
+def test_profile_smoke_selects_tiny_model_but_command_line_wins():
+    smoke = load_run_config(compose(["profile=smoke"]))
+    assert (smoke.model.dim, smoke.trainer.max_steps, smoke.eval.contexts) == (64, 20, [64, 128])
+    assert load_run_config(compose(["profile=smoke", "model=small"])).model.dim == 192
+    trainer = load_run_config(compose(["profile=smoke", "trainer=ddp_cpu"])).trainer
+    assert trainer.strategy == "ddp" and trainer.max_steps == 20
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "smoke", "study"])
+def test_a_trainer_sets_only_trainer_keys_and_a_profile_picks_the_rest(profile):
+    """Issue 13: trainer=<name> changes nothing outside trainer.*; profile=<name> is the one
+    place that picks trainer + model + tasks together."""
+    plain = load_run_config(compose([]))
+    trainer_only = load_run_config(compose([f"trainer={profile}"]))
+    assert (trainer_only.model, trainer_only.eval) == (plain.model, plain.eval)
+    load_run_config(compose([f"profile={profile}"]))  # a valid run
+    picked = compose([f"profile={profile}"])
+    text = (ROOT / "conf" / "profile" / f"{profile}.yaml").read_text()
+    for group, node in (("trainer", "trainer"), ("model", "model"), ("tasks", "eval")):
+        assert f"  - override /{group}: " in text, group
+        choice = text.split(f"override /{group}: ")[1].split()[0]
+        assert picked[node] == compose([f"{group}={choice}"])[node], group
+    for f in (ROOT / "conf" / "trainer").glob("*.yaml"):
+        assert "override /" not in f.read_text(), f"{f} overrides another group: use conf/profile/"
 
 
 @pytest.mark.parametrize(
@@ -84,3 +105,9 @@ def test_bad_value_fails_before_training_with_exit_code(tmp_path):
     assert r.returncode == 1
     assert "model.dim=-1 is not allowed" in r.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_old_eval_group_name_points_to_the_tasks_group():
+    with pytest.raises(ConfigError, match=r"eval=off is not allowed: eval.\* is filled by the tasks "
+                                          r"group .*: tasks=off"):
+        load_run_config(compose(["eval=off"]))

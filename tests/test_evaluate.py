@@ -174,8 +174,8 @@ def test_run_config_validates_eval_before_training():
         load_run_config(compose(["eval.contexts=[1024,4096]"]))
     # evaluation off: the grid is never decoded, so it need not fit the rotary range (the
     # chips study once stopped on this with the tiny model)
-    assert load_run_config(compose(["eval=off", "model=tiny"])).eval.contexts[-1] > 512
-    cfg = load_run_config(compose(["eval=long_context"]))
+    assert load_run_config(compose(["tasks=off", "model=tiny"])).eval.contexts[-1] > 512
+    cfg = load_run_config(compose(["tasks=long_context"]))
     assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 2048 and cfg.eval.train_share == 0.5
     assert cfg.eval.answer_loss_weight == 1.0
     with pytest.raises(ConfigError, match="eval.train_share"):
@@ -221,8 +221,8 @@ def test_long_context_experiment_set_and_manifest():
                 assert col.split("/")[1].split("@")[0] in cfg.eval.tasks, col
         a = cfg.model.attention
         seen[name] = (a.sparse.enabled, a.sparse.topk, a.vvpa, a.kv_cache.dtype, cfg.model.engram.enabled)
-    full = seen["lc_full"]
-    assert full == (True, 64, True, "fp8", True)
-    for name, what in {"lc_dense": 0, "lc_topk_256": 1, "lc_no_vvpa": 2, "lc_bf16_kv": 3,
-                       "lc_no_engram": 4}.items():  # each changes exactly one switch
+    full = seen["full"]
+    assert full == (True, 64, True, "fp8", True) and study["baseline"] == "full"
+    for name, what in {"no_sparse_mla": 0, "topk_256": 1, "no_vvpa": 2, "bf16_kv": 3,
+                       "no_engram": 4}.items():  # each changes exactly one switch
         assert [i for i in range(5) if seen[name][i] != full[i]] == [what], name

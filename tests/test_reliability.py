@@ -90,6 +90,7 @@ def test_keys_that_may_change_on_resume_are_not_a_different_configuration(finish
     config["eval"]["train_share"] = 0.0
     assert "eval.tasks" not in run_identity(config)
     # a measured chip's timings (cpu_host: re-timed when stale or loaded) may change too
+    config["chip"]["peak_tflops"] = {"fp32": {"value": 0.14, "source": "measured", "confidence": "medium"}}
     config["chip"]["measured"] = True
     assert not any(k.startswith("chip.peak_tflops.") for k in run_identity(config))
     config["chip"]["measured"] = False
@@ -103,7 +104,7 @@ def test_config_keys_added_to_the_code_since_a_run_are_not_a_different_configura
     from v4lab.config import load_run_config
     from v4lab.train import config_diff
 
-    config = asdict(load_run_config(compose(["+experiment=baseline", "trainer=smoke"])))
+    config = asdict(load_run_config(compose(["+experiment=baseline", "profile=smoke"])))
     config.pop("reevaluate")
     new = OmegaConf.to_container(OmegaConf.create(config))
     saved = {k: v for k, v in new.items() if k != "combine_as"}  # saved before combine_as existed
@@ -116,7 +117,7 @@ def test_rerun_with_another_configuration_is_refused_by_run_py_and_keeps_hydra_r
     """From the command line: exit 1, one line on stderr, nothing in the folder rewritten
     (Hydra's own .hydra/ record included: run.py writes it only for an accepted run)."""
     run_dir = tmp_path / "run"
-    args = ["+experiment=baseline", "trainer=smoke", f"hydra.run.dir={run_dir}", f"data.root={data_root}",
+    args = ["+experiment=baseline", "profile=smoke", f"hydra.run.dir={run_dir}", f"data.root={data_root}",
             *TINY_DATA, "trainer.max_steps=6", "trainer.val_every_n_steps=3", "trainer.seq_len=48"]
     first = _run_py(args)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -203,22 +204,24 @@ def _run_dir(overrides: list[str]) -> str:
     return str(compose(overrides, return_hydra_config=True).hydra.run.dir)
 
 
-def test_default_folder_names_distinguish_trainer_profiles():
+def test_default_folder_names_distinguish_profiles():
     readme = (ROOT / "README.md").read_text()
     readme = readme[readme.index("## One run"):readme.index("### The pieces")]  # its commands
     lines = re.findall(r"^python run\.py (\+experiment=[^#\n]*?)\s*(?:#.*)?$", readme, re.M)
     commands = [line.split() for line in lines if "--cfg" not in line]
-    assert ["+experiment=no_vvpa"] in commands and ["+experiment=no_vvpa", "trainer=smoke"] in commands
+    assert ["+experiment=no_vvpa"] in commands and ["+experiment=no_vvpa", "profile=smoke"] in commands
     folders = {_run_dir(c): c for c in commands}
     assert len(folders) == len(commands), folders  # no two README lines share a folder
     assert _run_dir(["+experiment=no_vvpa"]) == "outputs/adhoc/no_vvpa-s0"
-    assert _run_dir(["+experiment=no_vvpa", "trainer=smoke"]) == "outputs/adhoc/no_vvpa-smoke-s0"
+    assert _run_dir(["+experiment=no_vvpa", "profile=smoke"]) == "outputs/adhoc/no_vvpa-smoke-s0"
+    # a trainer profile alone (the small model, smoke's steps) is another folder again
+    assert _run_dir(["+experiment=no_vvpa", "trainer=smoke"]) == "outputs/adhoc/no_vvpa-trainer_smoke-s0"
     # a study's runs keep <experiment>-s<seed>, where dvc.yaml and v4lab.studies look for them
     from v4lab.studies import Run
 
     dvc = (ROOT / "dvc.yaml").read_text()
-    assert "outputs/${item.study}/${item.experiment}-s${item.seed}/config.yaml" in dvc
-    for study, profile in (("smoke", "trainer=smoke"), ("components", "trainer=study")):
+    assert "outputs/${item.study}/${item.run}/config.yaml" in dvc
+    for study, profile in (("smoke", "profile=smoke"), ("components", "profile=study")):
         assert _run_dir(["+experiment=full", "seed=2", f"study={study}", profile]) == \
             f"outputs/{study}/{Run('full', 2).name}"
 
@@ -326,7 +329,7 @@ def _prepared(tmp_path, data_root):
     from v4lab.config import load_run_config
     from v4lab.data.prepare import prepare
 
-    cfg = load_run_config(compose(["+experiment=baseline", "trainer=smoke", f"data.root={data_root}",
+    cfg = load_run_config(compose(["+experiment=baseline", "profile=smoke", f"data.root={data_root}",
                                    *TINY_DATA])).data
     folder = prepare(cfg)
     root = tmp_path / "ro"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_ranks_split_each_global_batch_into_the_single_process_batch(world):
 
 def test_trainer_profiles_compose():
     ddp_cpu = load_run_config(compose(["+experiment=baseline", "trainer=ddp_cpu"])).trainer
-    smoke = load_run_config(compose(["+experiment=baseline", "trainer=smoke"])).trainer
+    smoke = load_run_config(compose(["+experiment=baseline", "profile=smoke"])).trainer
     t = ddp_cpu
     assert (t.strategy, t.accelerator, t.devices, t.world_size) == ("ddp", "cpu", 2, 2)
     assert ddp_cpu.batch_size == smoke.batch_size and ddp_cpu.max_steps == smoke.max_steps
@@ -115,7 +116,7 @@ def test_unknown_launcher_lists_the_available_ones():
 def _manifest(tmp_path: Path, changes: dict | None = None) -> Path:
     """experiments/mini.yaml-like manifest in tmp_path, with ``changes`` to its keys."""
     data = {"name": "mini", "experiments": ["baseline", "mha"], "seeds": [0, 1],
-            "baseline": "baseline", "metrics": ["val/bpb"], "overrides": ["trainer=smoke"],
+            "baseline": "baseline", "metrics": ["val/bpb"], "overrides": ["profile=smoke"],
             **(changes or {})}
     path = tmp_path / "mini.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -127,10 +128,10 @@ def test_study_expands_into_runs_and_one_multirun_command(tmp_path):
     assert [r.name for r in study.runs()] == ["baseline-s0", "baseline-s1", "mha-s0", "mha-s1"]
     cmd = multirun_command(study, "slurm", ["hydra.launcher.partition=gpu"])
     assert cmd[1:] == ["run.py", "-m", "+experiment=baseline,mha", "seed=0,1", "study=mini",
-                       "trainer=smoke", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"]
+                       "profile=smoke", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"]
     assert "hydra/launcher" not in " ".join(multirun_command(study))  # basic: Hydra's default
     smoke = load_study("smoke", ROOT)
-    assert smoke.baseline in smoke.experiments and "trainer=smoke" in smoke.overrides
+    assert smoke.baseline in smoke.experiments and "profile=smoke" in smoke.overrides
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -151,7 +152,10 @@ def test_bad_study_manifest_names_the_problem(tmp_path, changes, message):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
 def test_every_study_manifest_is_valid(name):
     study = load_study(name, ROOT)
-    assert study.name == name and len(study.runs()) == len(study.experiments) * len(study.seeds)
+    sweep = math.prod(len(v) for v in study.sweep.values())
+    assert study.name == name and len(study.rows()) == len(study.experiments) * sweep
+    assert len(study.runs()) == len(study.rows()) * len(study.seeds)
+    assert len({r.name for r in study.runs()}) == len(study.runs())  # one folder per run
 
 
 def test_unknown_study_lists_the_available_ones():
@@ -170,7 +174,7 @@ def test_local_parallel_multirun_gives_separate_run_dirs_and_wandb_runs(tmp_path
               *TINY_DATA, f"logger.dir={logs}", "trainer.max_steps=6", "trainer.val_every_n_steps=3",
               "trainer.seq_len=48"], WANDB_MODE="offline")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ("run.py -m +experiment=baseline,mha seed=0 study=mini trainer=smoke "
+    assert ("run.py -m +experiment=baseline,mha seed=0 study=mini profile=smoke "
             "hydra/launcher=local") in r.stdout
     assert "joblib" in (sweep / "multirun.yaml").read_text()
     found, missing = collect(load_study(str(manifest), ROOT), root=tmp_path)
@@ -215,8 +219,8 @@ def single_process(tmp_path_factory, smoke_overrides) -> dict:
 
 
 def _ddp_cpu_args(run_dir: Path, data_root: Path, logs: Path) -> list[str]:
-    return ["run.py", f"+experiment={DDP_EXPERIMENT}", "trainer=ddp_cpu", f"hydra.run.dir={run_dir}",
-            f"data.root={data_root}", *TINY_DATA, f"logger.dir={logs}", *STEPS]
+    return ["run.py", f"+experiment={DDP_EXPERIMENT}", "profile=smoke", "trainer=ddp_cpu",
+            f"hydra.run.dir={run_dir}", f"data.root={data_root}", *TINY_DATA, f"logger.dir={logs}", *STEPS]
 
 
 def test_ddp_cpu_two_processes_one_metrics_one_wandb_run(tmp_path, data_root, single_process):

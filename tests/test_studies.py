@@ -63,3 +63,11 @@ def test_studies_status_on_a_misplaced_metrics_json_names_the_file(tmp_path, mon
     assert main(["status", "mini"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {bad}: holds experiment='baseline' seed=0, expected 'mha' seed 0\n"
+
+
+def test_studies_list_shows_sweep_axes(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "chips            1 experiments x 9 chip x 3 seeds  " in out
+    assert "smoke            3 experiments x 1 seeds  " in out and "INVALID" not in out

@@ -160,7 +160,7 @@ def test_real_tokenizer_pieces(data_root):
     from v4lab.data.prepare import prepare
     from v4lab.io import compose
 
-    cfg = load_run_config(compose(["trainer=smoke", f"data.root={data_root}", *TINY_DATA]))
+    cfg = load_run_config(compose(["profile=smoke", f"data.root={data_root}", *TINY_DATA]))
     tok = Tokenizer.from_file(str(prepare(cfg.data, log=lambda *a: None) / "tokenizer.json"))
     v = TaskVocab.from_tokenizer(tok)
     assert len(set(v.digits)) == 10 and len(set(v.lower)) == 26 and len(set(v.upper)) == 26

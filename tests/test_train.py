@@ -119,7 +119,7 @@ def test_run_py_acceptance_command_with_offline_wandb(tmp_path, data_root):
 
     env = {**os.environ, "WANDB_MODE": "offline"}
     r = subprocess.run(
-        [sys.executable, "run.py", "+experiment=baseline", "trainer=smoke",
+        [sys.executable, "run.py", "+experiment=baseline", "profile=smoke",
          f"hydra.run.dir={tmp_path / 'run'}", f"data.root={data_root}", *TINY_DATA,
          f"logger.dir={tmp_path / 'logs'}", "trainer.max_steps=6", "trainer.val_every_n_steps=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -136,7 +136,7 @@ def test_answer_loss_objective_matches_a_naive_per_row_computation():
     from v4lab.config import load_run_config
     from v4lab.lit import LitLM
 
-    cfg = load_run_config(compose(["+experiment=baseline", "trainer=smoke"]))
+    cfg = load_run_config(compose(["+experiment=baseline", "profile=smoke"]))
     torch.manual_seed(0)
     token_bytes = torch.ones(cfg.model.vocab_size, dtype=torch.long)
     token_bytes[0] = 0  # token 0 is not scored

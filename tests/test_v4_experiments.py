@@ -64,7 +64,7 @@ def test_experiment_changes_only_what_it_ablates(name):
     assert text.startswith("# @package _global_")
     assert OmegaConf.load(CONF / "experiment" / f"{name}.yaml").experiment == name
     parent, allowed = PARENTS[name]
-    for extra in ([], ["trainer=smoke"]):  # the small model and the tiny one
+    for extra in ([], ["profile=smoke"]):  # the small model and the tiny one
         child, base = flat(asdict(run_config(name, *extra))), flat(asdict(run_config(parent, *extra)))
         changed = {k for k in child if child[k] != base[k]}
         if extra:  # tiny: a value may already be the ablated one (csa_topk_4: tiny's top-k is 4)
@@ -75,7 +75,7 @@ def test_experiment_changes_only_what_it_ablates(name):
 
 @pytest.mark.parametrize("name", NEW)
 def test_experiment_builds_its_model(name):
-    for extra in ([], ["trainer=smoke"]):
+    for extra in ([], ["profile=smoke"]):
         cfg = run_config(name, *extra)
         model = Transformer(cfg.model)
         kinds = [b.attn.kind for b in model.blocks]
@@ -100,7 +100,7 @@ def test_v4_small_is_the_released_recipe_at_lab_size():
 
 def test_default_model_keeps_every_new_switch_off():
     """The keys added to conf/model/*.yaml leave today's experiments as they were."""
-    for extra in ([], ["trainer=smoke"]):
+    for extra in ([], ["profile=smoke"]):
         cfg = load_run_config(compose(extra)).model
         assert cfg.attention.kind == "mla" and cfg.attention.sparse.enabled
         assert not cfg.hc.enabled and cfg.mtp.depth == 0
@@ -125,7 +125,7 @@ def test_bad_v4_values_fail_before_training(override, key, allowed):
     from v4lab.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        run_config("v4", "trainer=smoke", override)
+        run_config("v4", "profile=smoke", override)
     assert key in str(e.value) and allowed in str(e.value), str(e.value)
 
 

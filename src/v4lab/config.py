@@ -160,6 +160,7 @@ class RunConfig:
 
     experiment: str = "default"
     study: str = "adhoc"
+    variant: str = ""  # a study's sweep values, part of the run's name (v4lab.studies.manifests)
     seed: int = 0
     combine_as: str | None = None
     reevaluate: bool = False
@@ -175,6 +176,8 @@ class RunConfig:
                 "a non-negative integer")
         require(self.combine_as is None or NAME.fullmatch(self.combine_as) is not None, "combine_as",
                 self.combine_as, "a folder-safe name (letters, digits, _ . + -)")
+        require(all(c.isalnum() or c in "_.-" for c in self.variant), "variant", self.variant,
+                "letters, digits, '_', '.' and '-' (part of the run folder's name)")
         require_finite(asdict(self))
         self.model.validate("model")
         self.data.validate("data")
@@ -265,23 +268,32 @@ def check_one_experiment(overrides: list[str], combine_as: str | None) -> None:
                           "an experiment of that name; choose a name of its own")
 
 
-DEFAULT_STUDY, DEFAULT_TRAINER = "adhoc", "cpu"
+DEFAULT_STUDY, DEFAULT_PROFILE = "adhoc", "cpu"
 
 
-def run_name(experiment: str, combine_as: str | None, seed: int, study: str, trainer: str | None) -> str:
+def run_name(experiment: str, combine_as: str | None, seed: int, study: str,
+             profile: str | None = None, trainer: str | None = None, variant: str = "") -> str:
     """A run's folder name (``hydra.run.dir`` / ``hydra.sweep.subdir`` in conf/config.yaml):
-    ``<experiment>-s<seed>``, with the trainer profile added for an ad-hoc run on a profile
-    other than the default (``no_vvpa-smoke-s0``), so the README's lines never share a
-    folder. A study's runs keep ``<experiment>-s<seed>``: its manifest fixes their profile."""
-    name = combine_as or experiment
-    if study == DEFAULT_STUDY and trainer not in (None, "", DEFAULT_TRAINER):
-        name = f"{name}-{trainer}"
+    ``<experiment><variant>-s<seed>``. An ad-hoc run adds its size profile where it is not
+    the default ``cpu`` (``no_vvpa-smoke-s0``), and a trainer its profile did not pick
+    (``no_vvpa-trainer_ddp_cpu-s0``), so the README's lines never share a folder. A
+    study's runs keep ``<experiment><variant>-s<seed>``: its
+    manifest fixes their profile, and ``variant`` carries its sweep values."""
+    name = (combine_as or experiment) + variant
+    if study == DEFAULT_STUDY:
+        if profile not in (None, "", DEFAULT_PROFILE):
+            name = f"{name}-{profile}"
+        if trainer not in (None, "", profile or DEFAULT_PROFILE):  # a trainer the profile did not pick
+            name = f"{name}-trainer_{trainer}"
     return f"{name}-s{seed}"
 
 
-def _run_name(experiment, combine_as, seed, study, trainer) -> str:
-    return run_name(str(experiment), None if combine_as in (None, "None", "null") else str(combine_as),
-                    seed, str(study), None if trainer is None else str(trainer))
+def _run_name(experiment, combine_as, seed, study, profile, trainer, variant="") -> str:
+    def opt(v):
+        return None if v in (None, "None", "null") else str(v)
+
+    return run_name(str(experiment), opt(combine_as), seed, str(study), opt(profile), opt(trainer),
+                    opt(variant) or "")
 
 
 OmegaConf.register_new_resolver("v4lab.run_name", _run_name, replace=True)
@@ -305,6 +317,9 @@ def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    if isinstance(cfg.get("eval"), str):  # eval=<name> was the task group's name before
+        raise ConfigError(f"eval={cfg['eval']} is not allowed: eval.* is filled by the tasks group "
+                          "(what runs mix into training and evaluate): tasks=" + str(cfg["eval"]))
     if cfg.get("combine_as"):
         cfg["experiment"] = cfg["combine_as"]
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)

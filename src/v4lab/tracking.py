@@ -110,7 +110,7 @@ def make_logger(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]):
     # A stable id per run directory: a resumed run continues the same W&B run.
     run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     return WandbLogger(
-        project=cfg.logger.project, name=f"{cfg.experiment}-s{cfg.seed}", group=cfg.study,
+        project=cfg.logger.project, name=f"{cfg.experiment}{cfg.variant}-s{cfg.seed}", group=cfg.study,
         tags=run_tags(cfg), job_type="train", save_dir=str(log_dir), id=run_id,
         resume="allow", config=config_dict, log_model=False,
     )

@@ -95,7 +95,7 @@ class EvalConfig:
         require(0.0 <= self.train_share <= 1.0, f"{path}.train_share", self.train_share, "in [0, 1]")
         require(self.answer_loss_weight >= 0, f"{path}.answer_loss_weight", self.answer_loss_weight,
                 ">= 0")
-        # a grid that is never evaluated (eval=off) need not fit the model's rotary range
+        # a grid that is never evaluated (tasks=off) need not fit the model's rotary range
         if max_seq_len is not None and self.enabled and not self.allow_extrapolation:
             beyond = [c for c in self.contexts if c > max_seq_len]
             require(not beyond, f"{path}.contexts", self.contexts,

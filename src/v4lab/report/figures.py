@@ -21,7 +21,7 @@ Made = tuple[str, str] | None  # (file name, caption)
 @dataclass
 class Canvas:
     """What every figure needs: the study, its runs, the output folder and one colour per
-    experiment (the same across figures)."""
+    table row (the same across figures)."""
 
     study: Study
     runs: Runs
@@ -30,7 +30,9 @@ class Canvas:
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        return [m for _, m in self.runs.values()]
+        """Each run's metrics, ``experiment`` replaced by its table row's label (the
+        experiment and its sweep values)."""
+        return [{**m, "experiment": row} for row, _, m in labelled(self.study, self.runs)]
 
     def save(self, fig, name: str, caption: str) -> tuple[str, str]:
         import matplotlib.pyplot as plt
@@ -40,17 +42,23 @@ class Canvas:
         return name, caption
 
 
-def curves(runs: Runs) -> pl.DataFrame | None:
-    """Every run's curves.csv with its experiment and seed, or None when no run has one."""
+def labelled(study: Study, runs: Runs) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(row label, folder, metrics) of each run, in the study's order."""
+    return [(r.row, *runs[r.name]) for r in study.runs() if r.name in runs]
+
+
+def curves(study: Study, runs: Runs) -> pl.DataFrame | None:
+    """Every run's curves.csv with its row label (as ``experiment``) and seed, or None when no
+    run has one."""
     frames = []
-    for folder, m in runs.values():
+    for row, folder, m in labelled(study, runs):
         path = folder / "curves.csv"
         if path.is_file():
             try:
                 df = pl.read_csv(path, infer_schema_length=None)
             except Exception as e:
                 raise ReportError(f"{path}: corrupt curves.csv ({e}); rerun the run") from e
-            frames.append(df.with_columns(pl.lit(m["experiment"]).alias("experiment"),
+            frames.append(df.with_columns(pl.lit(row).alias("experiment"),
                                           pl.lit(int(m["seed"])).alias("seed")))
     if not frames:
         return None
@@ -62,10 +70,10 @@ def learning_curves(c: Canvas) -> Made:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    data = curves(c.runs)
+    data = curves(c.study, c.runs)
     if data is None:
         return None
-    study, order = c.study, c.study.experiments
+    study, order = c.study, c.study.rows()
     cols = [col for col in ("train/loss", "train/answer_loss", "val/bpb")
             if col in data.columns and data[col].is_not_null().any()]
     fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
@@ -146,7 +154,7 @@ def accuracy_vs_context(c: Canvas) -> Made:
     pl.DataFrame(rows).write_csv(c.out / "context_length.csv")  # also a DVC plot (dvc.yaml)
     d = pl.DataFrame(rows).to_dict(as_series=False)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=c.study.experiments,
+    sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=c.study.rows(),
                  palette=c.palette, style="task", marker="o",
                  errorbar=("ci", 95) if len(c.study.seeds) > 1 else None, seed=0, ax=ax)
     ax.set_xscale("log", base=2)
@@ -167,11 +175,16 @@ def chip_projections(c: Canvas) -> Made:
             if all(is_number(m.get(k)) for m in records)]
     if not proj or len({m.get("chip/name") for m in records}) < 2:
         return None
-    rows = [{"chip": f"{m.get('chip/name')} ({m['experiment']})", "figure": k.split("proj_", 1)[1],
+
+    def label(m: dict[str, Any]) -> str:  # a chip-swept row already names its chip
+        chip, row = str(m.get("chip/name")), m["experiment"]
+        return row if chip in row else f"{chip} ({row})"
+
+    rows = [{"chip": label(m), "figure": k.split("proj_", 1)[1],
              "tokens/s per device": float(m[k])}
             for m in records if m["seed"] == study.seeds[0] for k in proj]
     d = pl.DataFrame(rows).to_dict(as_series=False)
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(study.experiments) + 2.2))
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(study.rows()) + 2.2))
     sns.barplot(d, y="chip", x="tokens/s per device", hue="figure", ax=ax, orient="h")
     ax.set_xscale("log")
     ax.set(ylabel="", xlabel="projected throughput at V3-671B size (tokens/s per device, log scale)",
@@ -192,7 +205,7 @@ def draw(study: Study, runs: Runs, out: Path) -> list[tuple[str, str]]:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
-    order = study.experiments
+    order = study.rows()
     palette = dict(zip(order, sns.color_palette("tab10" if len(order) <= 10 else "husl", len(order))))
     canvas = Canvas(study, runs, out, palette)
     return [made for figure in FIGURES if (made := figure(canvas)) is not None]

@@ -57,6 +57,7 @@ def provenance(study: Study, runs: Runs, made: list[tuple[str, str]], table_md: 
     return {
         "study": study.name, "description": study.description, "baseline": study.baseline,
         "experiments": study.experiments, "seeds": study.seeds, "metrics": study.metrics,
+        **({"sweep": study.sweep} if study.sweep else {}),
         "overrides": study.overrides, "runs": len(runs),
         "run_git_revs": sorted({str(m.get("git_rev", "unknown")) for m in records}),
         "report_git_rev": git_rev(root),
@@ -100,7 +101,9 @@ def study_markdown(study: Study, prov: dict[str, Any]) -> str:
 
 def _provenance_lines(prov: dict[str, Any]) -> list[str]:
     return [
-        f"- runs: {prov['runs']} ({len(prov['experiments'])} experiments x seeds {prov['seeds']}), "
+        f"- runs: {prov['runs']} ({len(prov['experiments'])} experiments"
+        + "".join(f" x {k} {vs}" for k, vs in prov.get("sweep", {}).items())
+        + f" x seeds {prov['seeds']}), "
         f"overrides: `{' '.join(prov['overrides']) or 'none'}`",
         f"- code: runs at commit(s) {', '.join(f'`{r[:12]}`' for r in prov['run_git_revs'])}; "
         f"report at `{prov['report_git_rev'][:12]}`",

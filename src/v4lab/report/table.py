@@ -1,4 +1,4 @@
-"""The published table: one row per experiment, per metric the mean over seeds +- the
+"""The published table: one row per experiment (and sweep value), per metric the mean over seeds +- the
 half-width of a 95% Student-t confidence interval, the difference to the baseline row and
 the p-value of Welch's t-test (significant: p < 0.05)."""
 
@@ -15,12 +15,13 @@ from v4lab.studies.manifests import Study
 
 
 def summarize(study: Study, runs: Runs) -> pl.DataFrame:
-    """One row per experiment (manifest order): n, and per metric ``<m> mean``, ``<m> ci95``,
+    """One row per experiment and sweep value (manifest order; the label in column
+    ``experiment``: :meth:`Study.rows`): n, and per metric ``<m> mean``, ``<m> ci95``,
     ``<m> delta``, ``<m> p``, ``<m> significant``, ``<m> exact`` (no spread in this row nor
     the baseline's: a deterministic figure, compared without a test; string metrics:
     ``<m>`` only)."""
     check_metrics(study, runs)
-    by_exp = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.experiments}
+    by_exp = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.rows()}
     base = by_exp[study.baseline]
     rows = []
     for e, ms in by_exp.items():

@@ -1,4 +1,4 @@
-"""Studies: named sets of experiments x seeds that become one published table.
+"""Studies: named sets of experiments x sweep values x seeds that become one published table.
 
 A study is a manifest, ``experiments/<name>.yaml`` (:mod:`.manifests`). The same
 manifest drives every engine: DVC expands it into one stage per run (:mod:`.dvcyaml`
@@ -11,8 +11,9 @@ which Hydra's launchers run sequentially, in parallel on this machine
     python -m v4lab.studies run smoke --dry-run          # print the command only
     python -m v4lab.studies status components            # which runs have metrics.json
 
-Every run of study ``S`` lands in ``<base>/S/<experiment>-s<seed>/`` with ``<base>``
-``multirun`` (a sweep) or ``outputs`` (one run at a time, e.g. a DVC stage); the one run
+Every run of study ``S`` lands in ``<base>/S/<run>/`` (``<run>``: ``<experiment>-s<seed>``,
+or with a sweep ``<experiment>-<axis>_<value>-s<seed>``, e.g. ``full-chip_ascend_910c-s0``)
+with ``<base>`` ``multirun`` (a sweep) or ``outputs`` (one run at a time, e.g. a DVC stage); the one run
 finder, :mod:`.finder`, finds the runs whichever engine produced them, for the report
 (:mod:`v4lab.report`) and for ``status``.
 """

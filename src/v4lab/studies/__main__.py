@@ -34,7 +34,9 @@ def list_studies(root) -> int:
     for name in available_studies(root):
         try:
             s = load_study(name, root)
-            print(f"{name:16s} {len(s.experiments)} experiments x {len(s.seeds)} seeds  {s.description}")
+            sweep = "".join(f" x {len(v)} {k}" for k, v in s.sweep.items())
+            print(f"{name:16s} {len(s.experiments)} experiments{sweep} x {len(s.seeds)} seeds  "
+                  f"{s.description}")
         except ConfigError as e:
             print(f"{name:16s} INVALID: {e}")
     return 0

@@ -1,8 +1,10 @@
 """The one run finder: where a study's runs are and what their ``metrics.json`` hold.
 
-Every run of study ``S`` lands in ``<base>/S/<experiment>-s<seed>/`` with ``<base>``
+Every run of study ``S`` lands in ``<base>/S/<run name>/`` (:attr:`.manifests.Run.name`) with ``<base>``
 ``multirun`` (a sweep, ``python -m v4lab.studies run``) or ``outputs`` (one run at a
-time, e.g. a DVC stage); the first base holding a ``metrics.json`` wins. The report
+time, e.g. a DVC stage); the first base holding a ``metrics.json`` wins. A run whose
+metrics.json names another experiment or seed, or whose config.yaml another sweep value
+(``variant``), is refused naming the file. The report
 (:mod:`v4lab.report.runs`) and ``python -m v4lab.studies status`` both read runs here.
 """
 
@@ -62,6 +64,18 @@ def misplaced(run: Run, metrics: dict[str, Any]) -> bool:
             or metrics.get("seed", run.seed) != run.seed)
 
 
+def recorded_variant(folder: Path) -> str | None:
+    """The ``variant`` (sweep values) the run's config.yaml records, or None when it records
+    none (a run from before sweeps, or no config.yaml)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg.get("variant") if isinstance(cfg, dict) else None
+
+
 def scan(study: Study, root: Path, bases: tuple[str, ...] = RUN_BASES) -> Scan:
     """Every run of ``study``: found (folder, metrics), missing, or bad (one line each)."""
     found = Scan()
@@ -79,6 +93,11 @@ def scan(study: Study, root: Path, bases: tuple[str, ...] = RUN_BASES) -> Scan:
         if misplaced(run, metrics):
             found.bad.append(f"{path}: holds experiment={metrics.get('experiment')!r} "
                              f"seed={metrics.get('seed')!r}, expected {run.experiment!r} seed {run.seed}")
+            continue
+        variant = recorded_variant(folder) if study.sweep else None
+        if variant is not None and variant != run.variant:
+            found.bad.append(f"{folder / 'config.yaml'}: holds variant={variant!r}, expected "
+                             f"{run.variant!r} (the sweep values of {run.name})")
             continue
         found.runs[run.name] = (folder, metrics)
     return found

@@ -16,9 +16,10 @@ def multirun_command(study: Study, launcher: str = "basic", extra: list[str] | N
     """The command that runs ``study`` as one Hydra multirun with ``launcher``."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher={launcher!r} is not allowed: one of {', '.join(LAUNCHERS)}")
+    owned = ("experiment", "seed", "study", "variant", *study.sweep)
     for o in extra or []:
-        if o.split("=", 1)[0].lstrip("+~") in ("experiment", "seed", "study"):
-            raise ConfigError(f"override {o!r} is not allowed: the study sets experiment, seed "
-                              "and study (write another study manifest instead)")
+        if o.split("=", 1)[0].lstrip("+~") in owned:
+            raise ConfigError(f"override {o!r} is not allowed: the study sets {', '.join(owned)} "
+                              "(write another study manifest instead)")
     launch = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
     return [sys.executable, "run.py", *study.multirun_args(), *launch, *(extra or [])]

@@ -1,20 +1,27 @@
-"""Study manifests: named sets of experiments x seeds that become one published table.
+"""Study manifests: named sets of experiments x sweep values x seeds that become one
+published table.
 
 A study manifest is ``experiments/<name>.yaml``::
 
     name: components              # = the file name; W&B group and output folder
     description: leave-one-out from the full model
     experiments: [full, no_engram, no_vvpa, baseline]
+    sweep: {chip: [nvidia_h800, ascend_910c]}   # optional: config group or key -> values
     seeds: [0, 1, 2]
     baseline: baseline            # the row every other row is compared with
     metrics: [val/bpb, cost/kv_bytes_per_token]   # the table's columns (v4lab.metrics names)
-    overrides: [trainer=smoke]    # optional: applied to every run of the study
+    overrides: [profile=smoke]    # optional: applied to every run of the study
 
-:func:`load_study` validates one; every error names the file, the key and the value.
+One table row per experiment and sweep value; its label, e.g. ``full-chip_ascend_910c``
+(the experiment, then ``-<axis>_<value>`` per sweep axis, the axis named by the last part of
+its key), is also the start of each of its runs' names (``full-chip_ascend_910c-s0``: the
+run folder, the DVC stage, the W&B run). Without ``sweep`` a row is just the experiment.
+:func:`load_study` validates a manifest; every error names the file, the key and the value.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,22 +31,48 @@ import yaml
 from v4lab.errors import ConfigError
 
 REQUIRED_KEYS = ("name", "experiments", "seeds", "baseline", "metrics")
-OPTIONAL_KEYS = ("description", "overrides")
+OPTIONAL_KEYS = ("description", "sweep", "overrides")
 # Keys a study sets itself; an override of them would break the run <-> folder mapping.
-OWNED_KEYS = ("experiment", "+experiment", "seed", "study", "hydra.sweep.dir", "hydra.sweep.subdir")
+OWNED_KEYS = ("experiment", "+experiment", "seed", "study", "variant", "hydra.sweep.dir",
+              "hydra.sweep.subdir")
+SWEEP_VALUE = re.compile(r"[A-Za-z0-9_.-]+")  # readable in a folder, a DVC stage, a table row
+SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def axis_label(key: str) -> str:
+    """How a sweep axis is named in run and row labels: the last part of its key
+    (``chip`` -> ``chip``, ``model.attention.sparse.topk`` -> ``topk``)."""
+    return key.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run of a study: an experiment at a seed."""
+    """One run of a study: an experiment at one value of each sweep axis, at a seed."""
 
     experiment: str
     seed: int
+    axes: tuple[tuple[str, str], ...] = ()  # (sweep key, value), in manifest order
+
+    @property
+    def variant(self) -> str:
+        """What the sweep adds to the experiment's name: ``-<axis>_<value>`` per axis (the
+        ``variant`` key of conf/config.yaml, part of the run folder)."""
+        return "".join(f"-{axis_label(k)}_{v}" for k, v in self.axes)
+
+    @property
+    def row(self) -> str:
+        """The run's table row: the experiment and its sweep values."""
+        return self.experiment + self.variant
 
     @property
     def name(self) -> str:
-        """The run's folder and W&B run name (``hydra.sweep.subdir`` in conf/config.yaml)."""
-        return f"{self.experiment}-s{self.seed}"
+        """The run's folder, DVC stage and W&B run name (``hydra.sweep.subdir`` in
+        conf/config.yaml: ``${experiment}${variant}-s${seed}``)."""
+        return f"{self.row}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        """The Hydra overrides that select this run's sweep values and name its folder."""
+        return [f"{k}={v}" for k, v in self.axes] + [f"variant={self.variant}"] * bool(self.axes)
 
 
 @dataclass
@@ -51,15 +84,34 @@ class Study:
     metrics: list[str]
     overrides: list[str] = field(default_factory=list)
     description: str = ""
+    sweep: dict[str, list[str]] = field(default_factory=dict)  # key: values (as Hydra reads them)
+    groups: tuple[str, ...] = ()  # the sweep keys that are config groups (conf/<key>/)
+
+    def cells(self) -> list[Run]:
+        """One seedless run per table row: experiments outer, then the sweep values (the
+        first axis outer), in manifest order."""
+        combos: list[tuple[tuple[str, str], ...]] = [()]
+        for key, values in self.sweep.items():
+            combos = [(*c, (key, v)) for c in combos for v in values]
+        return [Run(e, -1, c) for e in self.experiments for c in combos]
+
+    def rows(self) -> list[str]:
+        """The table's row labels, in order (= the experiments when there is no sweep)."""
+        return [c.row for c in self.cells()]
 
     def runs(self) -> list[Run]:
-        """Every (experiment, seed), experiments outer, in manifest order."""
-        return [Run(e, s) for e in self.experiments for s in self.seeds]
+        """Every (row, seed), rows outer, in manifest order."""
+        return [Run(c.experiment, s, c.axes) for c in self.cells() for s in self.seeds]
 
     def multirun_args(self) -> list[str]:
-        """The ``run.py -m`` arguments that run the whole study as one Hydra sweep."""
+        """The ``run.py -m`` arguments that run the whole study as one Hydra sweep; each job's
+        ``variant`` resolves to its own sweep values (a group's choice, or a key's value)."""
+        axes = [f"{k}={','.join(vs)}" for k, vs in self.sweep.items()]
+        variant = "".join(f"-{axis_label(k)}_${{hydra:runtime.choices.{k}}}" if k in self.groups
+                          else f"-{axis_label(k)}_${{{k}}}" for k in self.sweep)
         return ["-m", f"+experiment={','.join(self.experiments)}",
-                f"seed={','.join(map(str, self.seeds))}", f"study={self.name}", *self.overrides]
+                f"seed={','.join(map(str, self.seeds))}", f"study={self.name}", *axes,
+                *[f"variant={variant}"] * bool(self.sweep), *self.overrides]
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -117,10 +169,6 @@ def parse_study(data: Any, source: str, root: Path) -> Study:
         if dup:
             raise ConfigError(f"{source}: {key} lists {dup} more than once: each run "
                               "(experiment, seed) must appear once")
-    baseline = data["baseline"]
-    if baseline not in experiments:
-        raise ConfigError(f"{source}: baseline={baseline!r} is not allowed: one of the study's "
-                          f"experiments ({', '.join(experiments)})")
     metrics = _str_list(f"{source}: metrics", data["metrics"], "metrics.json keys")
     overrides = data.get("overrides") or []
     overrides = _str_list(f"{source}: overrides", overrides, "key=value overrides") if overrides else []
@@ -130,8 +178,107 @@ def parse_study(data: Any, source: str, root: Path) -> Study:
             raise ConfigError(f"{source}: overrides contains {o!r}, which is not allowed: "
                               "key=value overrides other than "
                               f"{', '.join(OWNED_KEYS)} (the study sets those)")
+    sweep, groups = parse_sweep(data.get("sweep"), source, root, overrides)
     description = data.get("description") or ""
-    return Study(name, experiments, list(seeds), baseline, metrics, overrides, str(description))
+    study = Study(name, experiments, list(seeds), data["baseline"], metrics, overrides, str(description),
+                  sweep, groups)
+    if study.baseline not in study.rows():
+        raise ConfigError(f"{source}: baseline={study.baseline!r} is not allowed: one of the study's "
+                          f"{'rows' if sweep else 'experiments'} ({', '.join(study.rows())})")
+    return study
+
+
+def _key_default(key: str, root: Path) -> Any:
+    """The value of ``key`` in the default config; KeyError when it has none."""
+    from omegaconf import OmegaConf
+
+    from v4lab.io import compose
+
+    missing = object()
+    value = OmegaConf.select(compose([], conf_dir=root / "conf"), key, default=missing)
+    if value is missing:
+        raise KeyError(key)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _check_key_value(where: str, key: str, value: Any, default: Any) -> None:
+    """A swept key takes scalars of its default's type (a value Hydra reads back unchanged,
+    so that the run's folder name and its config agree)."""
+    if isinstance(default, (dict, list)):
+        raise ConfigError(f"{where}: {key} is a section, not allowed as a sweep axis: a config "
+                          "group (conf/<group>/) or a key with one value")
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    allowed = kinds.get(type(default), (bool, int, float, str))
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise ConfigError(f"{where}: {key} value {value!r} is not allowed: a {type(default).__name__} "
+                          f"like the default ({default!r})")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    read = OverridesParser.create().parse_override(f"{key}={value}").value()
+    if str(read) != str(value):  # e.g. the string 'true', which Hydra reads as True
+        raise ConfigError(f"{where}: {key} value {value!r} is not allowed: Hydra reads {key}={value} "
+                          f"as {read!r}, so the run's name and its config would disagree")
+
+
+def parse_sweep(sweep: Any, source: str, root: Path, overrides: list[str]
+                ) -> tuple[dict[str, list[str]], tuple[str, ...]]:
+    """A manifest's ``sweep``: {config group or key: [values]}, validated against conf/.
+    Returns (key: values as Hydra reads them, the keys that are config groups)."""
+    if sweep is None:
+        return {}, ()
+    if not isinstance(sweep, dict) or not sweep:
+        raise ConfigError(f"{source}: sweep={sweep!r} is not allowed: a mapping of a config group "
+                          "or key to a non-empty list of values, e.g. {chip: [nvidia_h800, ascend_910c]}")
+    set_by_overrides = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    out: dict[str, list[str]] = {}
+    groups = []
+    for key, values in sweep.items():
+        where = f"{source}: sweep"
+        if (not isinstance(key, str) or not SWEEP_KEY.fullmatch(key) or key in OWNED_KEYS
+                or key.split(".")[0] in ("hydra", "experiment")):
+            raise ConfigError(f"{where} key {key!r} is not allowed: a config group (one of "
+                              f"{', '.join(sorted(_groups(root)))}) or a config key such as "
+                              f"trainer.lr, other than {', '.join(OWNED_KEYS)} and hydra.*")
+        if key in set_by_overrides:
+            raise ConfigError(f"{where} key {key!r} is also set in overrides: set it in one place")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {key}={values!r} is not allowed: a non-empty list of values")
+        if key in _groups(root):
+            known = sorted(p.stem for p in (root / "conf" / key).glob("*.yaml"))
+            for v in values:
+                if v not in known:
+                    raise ConfigError(f"{where}: {key} value {v!r} does not exist (conf/{key}/{v}.yaml); "
+                                      f"available: {', '.join(known)}")
+            groups.append(key)
+        else:
+            try:
+                default = _key_default(key, root)
+            except KeyError:
+                raise ConfigError(f"{where} key {key!r} is neither a config group (one of "
+                                  f"{', '.join(sorted(_groups(root)))}) nor a key of the config "
+                                  "(conf/config.yaml and its defaults)") from None
+            for v in values:
+                _check_key_value(where, key, v, default)
+        strings = [str(v) for v in values]
+        for v in strings:
+            if not SWEEP_VALUE.fullmatch(v):
+                raise ConfigError(f"{where}: {key} value {v!r} is not allowed: letters, digits, "
+                                  "'_', '.' and '-' only (it is part of run folder names)")
+        dup = sorted({v for v in strings if strings.count(v) > 1})
+        if dup:
+            raise ConfigError(f"{where}: {key} lists {dup} more than once: each run must appear once")
+        out[key] = strings
+    labels = [axis_label(k) for k in out]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"{source}: sweep keys {list(out)} are not allowed together: two end in "
+                          "the same name, which labels the runs")
+    return out, tuple(groups)
+
+
+def _groups(root: Path) -> set[str]:
+    """The config groups a sweep may select (conf/<group>/; not experiment or hydra)."""
+    return {p.name for p in (root / "conf").iterdir()
+            if p.is_dir() and p.name not in ("experiment", "hydra") and not p.name.startswith(".")}
 
 
 def load_study(name_or_path: str, root: Path | None = None) -> Study:
