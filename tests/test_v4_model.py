@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from v4lab import decode
 from v4lab.errors import ConfigError
 from v4lab.model import ModelConfig, Transformer
 from v4lab.modules.args import (
@@ -352,7 +353,7 @@ def _spec_models():
 
 @pytest.mark.parametrize("name", ["mha", "mla_sparse_engram", "v4"])
 @pytest.mark.parametrize("drafts", ["mtp", "oracle", "wrong"])
-def test_speculative_greedy_equals_plain_greedy(name, drafts):
+def test_speculative_greedy_equals_plain_greedy(name, drafts, monkeypatch):
     """Exactly plain greedy's tokens, whether the drafts are the MTP block's, always right
     (every step takes the two-token path) or always wrong (every step puts the caches back
     and re-runs one token): the accept and the reject paths are both exercised."""
@@ -362,15 +363,15 @@ def test_speculative_greedy_equals_plain_greedy(name, drafts):
     prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(7))
     plain = model.generate(prompt, 20)
     if drafts != "mtp":
-        real = model._draft
+        real = decode.mtp_draft
 
-        def forced(h, next_ids, mtp_caches, start):
-            real(h, next_ids, mtp_caches, start)  # keep the MTP cache advancing as usual
+        def forced(model, h, next_ids, mtp_caches, start):
+            real(model, h, next_ids, mtp_caches, start)  # keep the MTP cache advancing as usual
             at = start + next_ids.shape[1] + 1  # next_ids[:, -1] sits at start + n; the draft after it
             ref = plain[:, at:at + 1] if at < plain.shape[1] else torch.zeros_like(next_ids[:, :1])
             return ref if drafts == "oracle" else (ref + 1) % V
 
-        model._draft = forced
+        monkeypatch.setattr(decode, "mtp_draft", forced)
     spec = model.generate(prompt, 20, speculative=True, prefill_chunk=4)
     assert torch.equal(spec, plain)
     stats = model.speculative_stats

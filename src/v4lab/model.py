@@ -12,6 +12,9 @@ switch here:
     engram.enabled      Engram memory        (modules/engram.py)
     hc.enabled          hyper-connections    (modules/mhc.py): n residual streams
     mtp.depth           multi-token predict. (modules/mtp.py): 0 = off, 1 = one MTP block
+
+Decoding: ``Transformer.prefill`` / ``generate`` (the one decode loop); with
+``speculative=True`` the MTP block drafts (v4lab/decode.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from v4lab.decode import generate_speculative
 from v4lab.errors import require, require_positive
 from v4lab.modules.args import AttentionConfig, EngramConfig, HyperConnectionConfig, MoEConfig
 from v4lab.modules.attention import MultiHeadAttention
@@ -318,13 +322,13 @@ class Transformer(nn.Module):
         loop (evaluation uses it too).
 
         prompt: [B, T0] -> [B, T0 + max_new_tokens]. ``speculative``: greedy only, with the
-        MTP block drafting one token per step (:meth:`_generate_speculative`).
+        MTP block drafting one token per step (:func:`v4lab.decode.generate_speculative`).
         """
         if speculative:
             if temperature > 0 or self.mtp is None:
                 raise ValueError("speculative decoding needs temperature=0 and an MTP block "
                                  f"(temperature={temperature}, model.mtp.depth={self.cfg.mtp.depth})")
-            return self._generate_speculative(prompt, max_new_tokens, prefill_chunk)
+            return generate_speculative(self, prompt, max_new_tokens, prefill_chunk)
         b, t0 = prompt.shape
         caches = self.new_caches(b, t0 + max_new_tokens)
         tokens = prompt
@@ -339,76 +343,6 @@ class Transformer(nn.Module):
             if i + 1 < max_new_tokens:
                 logits = self.forward_cached(nxt, caches, t0 + i, history=tokens)[:, -1]
         return tokens
-
-    # ---- self-speculative decoding with the MTP block ------------------------------------
-    def _hidden_cached(self, ids: torch.Tensor, caches: list, start: int,
-                       history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward_cached that also returns h [B, T, dim], the MTP block's input."""
-        ctx = ForwardContext(positions=torch.arange(start, start + ids.shape[1], device=ids.device),
-                             input_ids=ids, caches=caches, history_ids=history)
-        return self.forward(ids, ctx), ctx.hidden
-
-    def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, mtp_caches: list, start: int) -> torch.Tensor:
-        """Advance the MTP block over positions start.. (h [B, n, dim] with the verified tokens
-        after them, next_ids [B, n]) through its own cache; the draft for the token after
-        next_ids[:, -1]: [B, 1]."""
-        ctx = ForwardContext(positions=torch.arange(start, start + h.shape[1], device=h.device),
-                             input_ids=next_ids, caches=mtp_caches)
-        return self.mtp(h, next_ids, ctx)[:, -1:].argmax(-1)
-
-    def _generate_speculative(self, prompt: torch.Tensor, max_new_tokens: int,
-                              prefill_chunk: int | None = None) -> torch.Tensor:
-        """Greedy decoding with the MTP block as a one-token draft.
-
-        Each step feeds the next token (verified) and the draft after it through the main
-        model at once. If the main model's greedy choice after the next token is the draft
-        (in every row), both are kept and its choice after the draft comes for free: two
-        tokens for one two-token forward. Otherwise the caches are put back as they were
-        before the step (every cache replaces its tensors or writes past its old length,
-        so restoring the attributes is enough) and the next token runs alone, exactly as
-        plain greedy decoding runs it. The output is plain greedy's, up to fp32 round-off
-        of a two-token chunk vs a one-token step deciding a near-tie of the argmax.
-        Counts: ``self.speculative_stats`` = {"drafted", "accepted"}.
-        """
-        b, t0 = prompt.shape
-        total = t0 + max_new_tokens
-        caches = self.new_caches(b, total + 1)
-        mtp_caches = [None] * self.cfg.n_layers + [
-            {"attn": self.mtp.block.attn.new_cache(b, total + 1, prompt.device)}]
-        chunk = prefill_chunk or t0
-        hs, logits = [], None
-        for s in range(0, t0, chunk):
-            e = min(s + chunk, t0)
-            logits, h = self._hidden_cached(prompt[:, s:e], caches, s, prompt[:, :e])
-            hs.append(h)
-        nxt = logits[:, -1:].argmax(-1)  # token t0, verified
-        draft = self._draft(torch.cat(hs, 1), torch.cat([prompt[:, 1:], nxt], 1), mtp_caches, 0)
-        out, pos = prompt, t0  # nxt sits at position pos, the MTP block has seen positions < pos
-        drafted = accepted = 0
-        while out.shape[1] < total:
-            if out.shape[1] + 1 == total:  # one token left: nothing to verify
-                out = torch.cat([out, nxt], 1)
-                break
-            saved = _cache_state(caches)
-            pair = torch.cat([nxt, draft], 1)
-            logits, h = self._hidden_cached(pair, caches, pos, torch.cat([out, pair], 1))
-            drafted += 1
-            if bool((logits[:, 0].argmax(-1) == draft[:, 0]).all()):
-                accepted += 1
-                new = logits[:, 1:].argmax(-1)
-                out = torch.cat([out, pair], 1)
-                draft = self._draft(h, torch.cat([draft, new], 1), mtp_caches, pos)
-                pos += 2
-            else:
-                _restore_cache_state(saved)
-                logits, h = self._hidden_cached(nxt, caches, pos, torch.cat([out, nxt], 1))
-                new = logits.argmax(-1)
-                out = torch.cat([out, nxt], 1)
-                draft = self._draft(h, new, mtp_caches, pos)
-                pos += 1
-            nxt = new
-        self.speculative_stats = {"drafted": drafted, "accepted": accepted}
-        return out[:, :total]
 
     # ---- training hooks ---------------------------------------------------------------
     def on_train_step_end(self) -> None:
@@ -457,22 +391,3 @@ class Transformer(nn.Module):
             if blk.engram is not None:
                 total -= blk.engram.inactive_params_per_token()
         return total
-
-
-def _cache_state(caches: list) -> list[tuple[object, dict]]:
-    """The attributes of every decode-state object in ``caches`` (and of the objects they
-    hold: entry stores, compressor states), dicts copied one level: enough to put a cache
-    back, since caches replace their tensors or write past their old length."""
-    saved, todo = [], [c for layer in caches if layer is not None for c in layer.values()]
-    while todo:
-        obj = todo.pop()
-        attrs = {k: dict(v) if isinstance(v, dict) else v for k, v in vars(obj).items()}
-        saved.append((obj, attrs))
-        todo += [v for v in attrs.values()
-                 if hasattr(v, "__dict__") and not isinstance(v, (torch.Tensor, nn.Module))]
-    return saved
-
-
-def _restore_cache_state(saved: list[tuple[object, dict]]) -> None:
-    for obj, attrs in saved:
-        vars(obj).update(attrs)
