@@ -41,7 +41,8 @@ def save_hydra_record(cfg: DictConfig, hydra_cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from v4lab.train import RunError, train
+    from v4lab.folders import RunError
+    from v4lab.train import train
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

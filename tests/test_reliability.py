@@ -23,8 +23,9 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import ROOT, TINY_DATA, Crash
 from v4lab.errors import ConfigError
+from v4lab.folders import RunError
 from v4lab.io import compose
-from v4lab.train import RunError, train
+from v4lab.train import train
 
 TIMINGS = ("speed/", "time/")
 
@@ -102,7 +103,7 @@ def test_config_keys_added_to_the_code_since_a_run_are_not_a_different_configura
     from omegaconf import OmegaConf
 
     from v4lab.config import load_run_config
-    from v4lab.train import config_diff
+    from v4lab.folders import config_diff
 
     config = asdict(load_run_config(compose(["+experiment=baseline", "profile=smoke"])))
     config.pop("reevaluate")
@@ -284,7 +285,7 @@ def test_second_concurrent_run_into_one_folder_is_refused_at_once(tmp_path, over
 def test_checkpoint_temp_names_are_unique_per_process(tmp_path, monkeypatch):
     """AtomicCheckpointIO writes through io.atomic_replace: a mkstemp name next to the file."""
     from v4lab import io as v4io
-    from v4lab.train import AtomicCheckpointIO
+    from v4lab.callbacks import AtomicCheckpointIO
 
     seen = []
     real = v4io.tempfile.mkstemp

@@ -214,7 +214,7 @@ def require_finite(tree: Any, path: str = "") -> None:
         require(math.isfinite(tree), path, tree, "a finite number")
 
 
-# A run folder belongs to one configuration (v4lab.train checks it on every rerun). These
+# A run folder belongs to one configuration (v4lab.folders checks it on every rerun). These
 # keys may differ between the runs of one folder, because they change neither the weights
 # nor what training saw: where W&B logs and the prepared data live, CPU threads, and the
 # end-of-run evaluation (test batches and the task grid; eval.tasks only where it is not

@@ -182,13 +182,9 @@ def load_run(ckpt: str | Path, map_location: str = "cpu"):
     """Rebuild (model, tokenizer, run config, prepared data folder) from a run directory or
     its ``checkpoints/last.ckpt`` (the run's ``config.yaml`` sits in the run directory)."""
     from omegaconf import OmegaConf
-    from tokenizers import Tokenizer
 
-    from v4lab import chips
+    from v4lab import build
     from v4lab.config import load_run_config
-    from v4lab.data.canonical import build_canonical_ids
-    from v4lab.data.prepare import prepare
-    from v4lab.model import Transformer
 
     path = Path(ckpt).expanduser()
     if path.is_dir():
@@ -200,15 +196,14 @@ def load_run(ckpt: str | Path, map_location: str = "cpu"):
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"ckpt={ckpt}: no config.yaml in the run directory {run_dir}")
     run_cfg = load_run_config(OmegaConf.load(run_dir / "config.yaml"))
-    model_cfg, _, _ = chips.apply_numerics(run_cfg.chip, run_cfg.model)
-    model = Transformer(model_cfg)
-    folder = prepare(run_cfg.data)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if model_cfg.engram.enabled:
-        model.set_canonical_ids(build_canonical_ids(tokenizer)[0])
+    # The same build as training's: the saved config already records the chip's numerics
+    # (applied again, they change nothing), the corpus and tokenizer, canonical Engram ids.
+    numerics = build.numerics(run_cfg, measure=False)
+    data = build.corpus(run_cfg)
+    model = build.model(numerics.model, data)
     state = torch.load(path, map_location=map_location, weights_only=False)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    return model, tokenizer, run_cfg, folder
+    return model, data.tokenizer, run_cfg, data.folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,7 @@ _PROJECTION = (
 )
 
 METRICS: tuple[Metric, ...] = (
-    # -- quality: training (lit.LitLM, train.CurveLog) --------------------------------
+    # -- quality: training (lit.LitLM, callbacks.CurveLog) --------------------------------
     _q("train/loss", "nats/token", doc="mean next-token loss of the last logged step"),
     _q("train/answer_loss", "nats/token", doc="loss on task answer tokens"),
     _q("train/mtp_loss", "nats/token", doc="MTP head's cross-entropy on token t+2 (unweighted)"),
@@ -123,7 +123,7 @@ METRICS: tuple[Metric, ...] = (
     _q("task/<task>@<context>/chance", "accuracy", NONE, "a guess's expected accuracy"),
     _q("task/<task>/acc_trained_lengths", "accuracy", HIGHER, "mean over the trained lengths"),
     _q("task/<task>/acc_extrapolated", "accuracy", HIGHER, "mean beyond the trained length"),
-    # -- cost (train.measure_costs, evaluate.evaluate) ------------------------------------
+    # -- cost (build.measure_costs, evaluate.evaluate) ------------------------------------
     Metric("cost/params_total", "parameters", LOWER, COST),
     Metric("cost/params_active", "parameters", LOWER, COST, doc="parameters a token passes through"),
     Metric("cost/kv_bytes_per_token", "bytes/token", LOWER, COST,
