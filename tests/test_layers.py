@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LINT = shutil.which("lint-imports") or pytest.skip("import-linter (dev extra) is not installed",
-                                                    allow_module_level=True)
+LINT = shutil.which("lint-imports")  # import-linter: a dev extra, like pytest itself
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
+    assert LINT, "lint-imports not found: pip install -c constraints.txt -e '.[dev]'"
     env = {**os.environ, "PYTHONPATH": str(root / "src")}  # this tree's v4lab, not the installed one
     return subprocess.run([sys.executable, LINT, "--no-cache"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
