@@ -139,3 +139,12 @@ def test_positions_beyond_max_seq_len_are_rejected():
     model = Transformer(plain_cfg())
     with pytest.raises(ValueError, match="beyond model.max_seq_len=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_forward_context_phase_is_explicit_with_a_default_from_the_step():
+    pos = torch.arange(3)
+    assert ForwardContext(pos).phase == "infer" and not ForwardContext(pos).records
+    assert ForwardContext(pos, step=5).phase == "train"
+    assert ForwardContext(pos, step=5, phase="eval").records  # validation records statistics too
+    with pytest.raises(ValueError, match="phase='decode' is not one of"):
+        ForwardContext(pos, phase="decode")

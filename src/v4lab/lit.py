@@ -68,8 +68,9 @@ class LitLM(L.LightningModule):
         """Per-target LM loss [B, T] (nats), bytes per target [B, T], forward context."""
         x, y = batch[:, :-1], batch[:, 1:]
         step = int(self.global_step) if self._trainer is not None else None
+        phase = "infer" if step is None else ("train" if self.training else "eval")
         ctx = ForwardContext(positions=torch.arange(x.shape[1], device=x.device),
-                             input_ids=x, step=step)
+                             input_ids=x, step=step, phase=phase)
         logits = self.model(x, ctx)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                  reduction="none").view_as(y)

@@ -25,8 +25,13 @@ class ForwardContext:
       decoding incrementally, else None.
     history_ids: [B, P + T] every token so far when decoding (P cached before this chunk);
       pieces that look back beyond the chunk (Engram's N-grams) read it.
-    step: global training step during training and validation (selects sparse
-      attention's training phase); None at inference (every piece in its final mode).
+    phase: what this forward is for, set by its caller and read by the pieces (not
+      inferred from module flags): ``train`` (a training step: losses, statistics,
+      indexer learning), ``eval`` (validation/test of a training run: the same statistics,
+      no update) or ``infer`` (decoding, evaluation: every piece in its final mode, nothing
+      recorded). Left unset, it is ``infer`` without a ``step`` and ``train`` with one.
+    step: global training step in the ``train``/``eval`` phases (selects the sparse
+      warm-up); None in ``infer``.
     aux_losses: name -> scalar tensor; the trainer adds their sum to the LM loss.
     stats: name -> (sum, count) of a statistic over the layers that report it, the sum a
       detached 0-d tensor: nothing here waits for the device (no per-layer ``.item()``);
@@ -45,6 +50,7 @@ class ForwardContext:
     caches: list[dict[str, Any]] | None = None
     history_ids: torch.Tensor | None = None
     step: int | None = None
+    phase: str | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     prefetched: dict[str, Any] = field(default_factory=dict)
@@ -52,6 +58,19 @@ class ForwardContext:
     hc_product: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     _rope: dict = field(default_factory=dict, repr=False)
+
+    PHASES = ("train", "eval", "infer")
+
+    def __post_init__(self) -> None:
+        if self.phase is None:
+            self.phase = "infer" if self.step is None else "train"
+        if self.phase not in self.PHASES:
+            raise ValueError(f"phase={self.phase!r} is not one of {self.PHASES}")
+
+    @property
+    def records(self) -> bool:
+        """Whether pieces record statistics and training signals (train and eval phases)."""
+        return self.phase != "infer"
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         """Accumulate an auxiliary loss (summed over layers)."""

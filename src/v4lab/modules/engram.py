@@ -339,7 +339,7 @@ class Engram(nn.Module):
 
     def _stats(self, ctx: ForwardContext, alpha: torch.Tensor, win: torch.Tensor,
                idx: torch.Tensor) -> None:
-        if ctx.step is not None or self.training:
+        if ctx.records or self.training:
             ctx.add_stat("engram/gate_mean", alpha.mean())
             ctx.add_stat("engram/bucket_collision_rate", self.collision_rate(win, idx))
 

@@ -292,7 +292,7 @@ class MultiHeadLatentAttention(nn.Module):
         selected = select_topk(masked.detach(), topk) & causal
         dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
         attn_mask = None if (dense_phase or topk >= t) else selected
-        if ctx.step is None and not torch.is_grad_enabled():
+        if not ctx.records and not torch.is_grad_enabled():
             return attn_mask  # plain inference: no loss, no statistics
         with torch.no_grad():
             logits = (qh @ kh.transpose(-1, -2)) * self.scale  # [B, H, T, T]

@@ -173,7 +173,7 @@ class V4Attention(nn.Module):
             return entries, keep_bias(usable_entries(positions, entries.shape[1], self.ratio))[None]
         training = torch.is_grad_enabled()
         # the indexer learns (KL) in training/validation forwards of whole sequences
-        learn = (ctx is not None and ctx.step is not None and not cache.entries.keep
+        learn = (ctx is not None and ctx.records and not cache.entries.keep
                  and self.cfg.index_kl_weight > 0)
         # without the KL the top-k choice needs no graph: no autograd for the indexer
         with torch.set_grad_enabled(training and learn):
