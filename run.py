@@ -23,6 +23,7 @@ from v4lab.data.prepare import DataError
 from v4lab.errors import ConfigError
 from v4lab.io import atomic_write_text
 from v4lab.lit import NonFiniteLossError
+from v4lab.resolvers import register
 
 
 def save_hydra_record(cfg: DictConfig, hydra_cfg: DictConfig):
@@ -55,4 +56,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register()  # hydra.run.dir interpolates ${v4lab.run_name:...}
     main()

@@ -200,8 +200,6 @@ def test_run_killed_during_final_evaluation_evaluates_without_retraining(
 
 
 def _run_dir(overrides: list[str]) -> str:
-    import v4lab.config  # noqa: F401  (registers the v4lab.run_name resolver, as run.py does)
-
     return str(compose(overrides, return_hydra_config=True).hydra.run.dir)
 
 

@@ -88,6 +88,9 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | str | None = No
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from v4lab.resolvers import register
+
+    register()  # conf/ interpolates v4lab's own resolvers (the run folder's name)
     with initialize_config_dir(config_dir=str(Path(conf_dir or CONF_DIR)), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []),
                              return_hydra_config=return_hydra_config)

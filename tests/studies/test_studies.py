@@ -10,7 +10,7 @@ import yaml
 
 from v4lab.studies.__main__ import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from v4lab.report.table import summarize
 from v4lab.stats import mean_ci, welch_p
 from v4lab.studies import dvcyaml, load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- statistics against naive computations ----------------------------------------------------
@@ -206,7 +206,7 @@ def _links_resolve(reports: Path) -> None:
 
 KILL = """
 import os, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests_root!r}]  # test_report, and conftest beside it
 import test_report
 from v4lab.report import publish, swap
 from v4lab.studies import load_study
@@ -248,8 +248,9 @@ def test_killed_report_build_leaves_a_consistent_study_and_the_next_build_cleans
         m = json.loads((d / "metrics.json").read_text())
         m = {k: v for k, v in m.items() if not k.startswith("task/")}
         (d / "metrics.json").write_text(json.dumps(m | {"val/bpb": m["val/bpb"] + 1}))
-    script = KILL.format(tests=str(Path(__file__).parent), point=point, repo=str(ROOT), root=str(root),
-                         manifest=str(root / "experiments" / "mini.yaml"))
+    here = Path(__file__).resolve()
+    script = KILL.format(tests=str(here.parent), tests_root=str(here.parents[1]), point=point,
+                         repo=str(ROOT), root=str(root), manifest=str(root / "experiments" / "mini.yaml"))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "disabled"}
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 137, r.stderr[-2000:]

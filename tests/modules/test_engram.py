@@ -18,7 +18,7 @@ from v4lab.modules.args import AttentionConfig, EngramConfig, KVCacheConfig
 from v4lab.modules.context import ForwardContext
 from v4lab.modules.engram import Engram, engram_params, engram_table_params, table_primes
 
-SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 
 
 def ecfg(**kw) -> EngramConfig:

@@ -332,7 +332,7 @@ def test_moe_flops_match_counter_on_naive_dispatch():
 
 
 # ---- the cost model against every experiment's real model ---------------------------------
-_EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment")
+_EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "experiment")
                       .glob("*.yaml"))
 
 
