@@ -91,11 +91,10 @@ def choose_threads(requested: int | str, processes: int = 1, *, cpus: float | No
     """Threads per process for ``trainer.num_threads=requested`` ('auto', 0 = torch's
     default, or a count) when the run has ``processes`` local processes."""
     cpus = usable_cpus() if cpus is None else cpus
+    busy = busy_cpus() if busy is None else busy  # recorded whatever the choice
     if requested != "auto":
         n = int(requested)
-        return ThreadChoice(n, cpus, 0.0 if busy is None else busy,
-                            "as configured" if n else "torch's default")
-    busy = busy_cpus() if busy is None else busy
+        return ThreadChoice(n, cpus, busy, "as configured" if n else "torch's default")
     free = max(1, math.floor(cpus - busy + 0.5))
     n = max(1, free // max(1, processes))
     return ThreadChoice(n, cpus, busy, f"auto: {cpus:g} usable CPUs, {busy:g} busy, "
