@@ -4,6 +4,8 @@
 
 - :func:`matmul_flops`: achieved FLOP/s of a square GEMM in a dtype at the current thread
   count (``v4lab.chips.host``, the timer that measures the ``cpu_host`` chip's peaks);
+- :func:`training_step`: one step (forward, LM + auxiliary losses, backward, optimizer) of
+  a LitLM on a fixed batch, as every training benchmark times it;
 - :func:`publish`: print a markdown report and write it atomically (``v4lab.io``);
 - :func:`forward_flops`, :func:`train_flops`: FLOPs per token of a v4lab ModelConfig from
   ``v4lab.accounting`` (the count the chips' projection and every run's
@@ -15,11 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from v4lab.accounting import forward_flops_per_token, train_flops_per_token
 from v4lab.chips.host import matmul_flops
 from v4lab.io import atomic_write_text
 
-__all__ = ["forward_flops", "matmul_flops", "publish", "train_flops"]
+__all__ = ["forward_flops", "matmul_flops", "publish", "train_flops", "training_step"]
 
 
 def forward_flops(cfg: Any, keys: float, absorbed: bool = False) -> float:
@@ -40,3 +44,15 @@ def publish(out: str | Path, lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     atomic_write_text(Path(out), text)
     print(text, end="")
+
+
+def training_step(lit: Any, opt: torch.optim.Optimizer, batch: torch.Tensor):
+    """A closure running one training step of ``lit`` (a LitLM) on ``batch`` [B, T + 1]."""
+    def step() -> None:
+        loss_sum, counts, ctx = lit._forward(batch)
+        loss = loss_sum / counts[0] + sum(ctx.aux_losses.values(), torch.zeros(()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step

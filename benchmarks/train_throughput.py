@@ -41,13 +41,7 @@ def main(overrides: list[str]) -> None:
     lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))
     opt = torch.optim.AdamW(lit.parameters(), lr=1e-4)
     batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
-
-    def step() -> None:
-        loss_sum, counts, ctx = lit._forward(batch)
-        loss = loss_sum / counts[0] + sum(ctx.aux_losses.values(), torch.zeros(()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = common.training_step(lit, opt, batch)
 
     with FlopCounterMode(display=False) as counter:
         step()

@@ -41,13 +41,7 @@ def make_step(overrides: list[str]):
     opt = lit.configure_optimizers()["optimizer"]
     batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1),
                           generator=torch.Generator().manual_seed(0))
-
-    def step() -> None:
-        loss_sum, counts, ctx = lit._forward(batch)
-        loss = loss_sum / counts[0] + sum(ctx.aux_losses.values(), torch.zeros(()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = common.training_step(lit, opt, batch)
 
     return step, t.batch_size * t.seq_len
 
