@@ -39,7 +39,8 @@ class TrainerConfig:
     (parameters, gradients and optimizer state sharded over the processes).
     optimizer: ``adamw`` (every parameter) or ``muon`` (V4's Muon for the matrices inside
     the blocks, AdamW for the rest, same lr and weight decay: :mod:`v4lab.optim`).
-    quantize: routed-expert weights in MXFP4 (:mod:`v4lab.modules.fp4`): ``none``;
+    quantize: routed-expert weights and the lightning indexers' q/k (blocks of
+    ``min(32, index_head_dim)``) in MXFP4 (:mod:`v4lab.modules.fp4`): ``none``;
     ``fp4_qat`` (fake-quantised forward, straight-through gradient, from step
     ``floor(qat_start * max_steps)`` on, and for the final evaluation); ``fp4_posthoc``
     (trained in full precision, quantised once after training, before the final evaluation).

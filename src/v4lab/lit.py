@@ -51,9 +51,10 @@ class LitLM(L.LightningModule):
         self.last_mtp: torch.Tensor | None = None  # this step's MTP cross-entropy
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         self._eval_sums: dict[str, torch.Tensor] = {}
-        # FP4 (trainer.quantize): QAT reads the routed-expert weights through MXFP4 fake
-        # quantisation (parametrizations registered now, before any checkpoint is loaded, so
-        # resumed state dicts match); post-hoc only checks the block size now.
+        # FP4 (trainer.quantize): QAT reads the routed-expert weights (and the indexers read
+        # their q/k) through MXFP4 fake quantisation (parametrizations registered now, before
+        # any checkpoint is loaded, so resumed state dicts match); post-hoc only checks the
+        # block size now.
         self.fp4_qat: list = []
         if trainer_cfg.quantize != "none":
             from v4lab.modules.fp4 import apply_fp4_qat, check_fp4

@@ -180,6 +180,8 @@ class LightningIndexerV4(nn.Module):
         self.compressor = BlockCompressor(dim, head_dim, ratio, overlap, inv_freq, eps)
         self.wq = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        # MXFP4 fake quantiser of q and K (set by v4lab.modules.fp4 under trainer.quantize)
+        self.qk_quant: nn.Module | None = None
 
     def keys(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
         return self.compressor(x, state)
@@ -188,6 +190,8 @@ class LightningIndexerV4(nn.Module):
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = rope_tail(self.wq(q_latent).view(b, t, self.n_heads, self.head_dim), cos, sin)
+        if self.qk_quant is not None:  # the RoPE'd q and K, as they enter the matmul
+            q, keys = self.qk_quant(q), self.qk_quant(keys)
         dots = F.relu(torch.einsum("bthd,bsd->bths", q.float(), keys.float())) * self.head_dim ** -0.5
         w = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, T, H]
         return torch.einsum("bths,bth->bts", dots, w)

@@ -22,6 +22,17 @@ training (QAT) keeps full-precision master weights and trains them through the F
 
 ``apply_fp4_qat`` attaches this to a model from outside (torch.nn.utils.parametrize), so
 modules need no FP4 code; ``quantize_fp4_`` is the post-hoc variant (weights replaced once).
+
+Target ``indexer_qk``: the lightning indexers' queries and keys (activations, V4's FP4
+indexer QK path). Each indexer (sparse.LightningIndexer, compressor.LightningIndexerV4) has
+a ``qk_quant`` slot, None by default, applied to q and k right before its score matmul
+q . k -- after RoPE, so what is quantised is exactly what the matmul multiplies (DeepSeek
+V3.2's reference quantises the same RoPE'd q and k, there after a Hadamard rotation that
+the lab omits). Keys are quantised when scored, not when cached: the blocks are per token,
+so that gives the values a quantised cache would hold. Blocks run along the head dim (the
+contraction dim). Block size: ``min(block, head_dim)`` (see :func:`indexer_block`), since
+the lab's small profiles have index_head_dim 16 < 32: there one block is the whole vector.
+Post-hoc mode cannot round activations once, so it installs the quantiser switched on.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from v4lab.errors import require, require_choice
 E2M1_MAX = 6.0
 E2M1_EMAX = 2  # exponent of the largest normal e2m1 value (6 = 1.5 * 2^2)
 SCALE_RULES = ("ocp", "ceil")
-FP4_TARGETS = ("routed_experts",)
+FP4_TARGETS = ("routed_experts", "indexer_qk")
 # Weight names of routed experts (modules/moe.py RoutedExperts: w1, w3 [E, dim, hidden],
 # w2 [E, hidden, dim]); every one is used as x @ w[e], so the input dim is dim 1.
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -131,14 +142,39 @@ def fp4_weights(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS
     return found
 
 
+def fp4_indexers(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS
+                 ) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every lightning indexer whose q/k the targets quantise
+    (``indexer_qk``: modules with a ``qk_quant`` slot and a ``head_dim``)."""
+    if "indexer_qk" not in targets:
+        return []
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "qk_quant") and hasattr(m, "head_dim")]
+
+
+def indexer_block(head_dim: int, block: int = 32) -> int:
+    """MX block of an indexer's q/k: ``min(block, head_dim)``. The block spans the
+    contraction dim of q . k; below 32 (the lab's index_head_dim 16) one block is the whole
+    vector, one shared scale per head and token. Above it, ``block`` must divide head_dim."""
+    b = min(block, head_dim)
+    require(head_dim % b == 0, "fp4.block_size", block,
+            f"a divisor of index_head_dim ({head_dim}), or at least index_head_dim")
+    return b
+
+
 def check_fp4(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS, block: int = 32
               ) -> list[tuple[str, nn.Module, str, int]]:
-    """The target weights (see :func:`fp4_weights`), after checking that there is at least
-    one and that ``block`` divides every input dim: ConfigError otherwise."""
+    """The target weights (see :func:`fp4_weights`), after checking that the targets name
+    something the model has (weights or indexers) and that ``block`` fits every one:
+    ConfigError otherwise."""
     found = fp4_weights(model, targets)
-    require(bool(found), "fp4.targets", list(targets), "names weights the model has (no "
-            "routed experts here: enable model.moe)")
+    indexers = fp4_indexers(model, targets)
+    require(bool(found or indexers), "fp4.targets", list(targets), "names weights the model "
+            "has (no routed experts or lightning indexers here: enable model.moe or sparse "
+            "attention)")
     _check_blocks(found, block)
+    for _, m in indexers:
+        indexer_block(m.head_dim, block)
     return found
 
 
@@ -150,29 +186,38 @@ def _check_blocks(found, block: int) -> None:
                 f"{tuple(getattr(module, w).shape)})")
 
 
+def _install_indexer_quant(model: nn.Module, targets, block: int, rule: str) -> list[FakeFP4]:
+    fakes = []
+    for _, m in fp4_indexers(model, targets):
+        m.qk_quant = FakeFP4(-1, indexer_block(m.head_dim, block), rule)  # no state: checkpoints unchanged
+        fakes.append(m.qk_quant)
+    return fakes
+
+
 def apply_fp4_qat(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS, block: int = 32,
                   rule: str = "ocp") -> list[FakeFP4]:
     """Quantisation-aware training: every target weight is read through MXFP4 fake
     quantisation (parametrize; the full-precision tensor stays the trained parameter, now
-    ``<module>.parametrizations.<w>.original``). Returns the parametrizations (set
-    ``enabled`` to switch QAT on and off). Checks every block size before changing anything;
-    raises ConfigError when no target weight exists."""
+    ``<module>.parametrizations.<w>.original``), and every target indexer fake-quantises its
+    q and k. Returns the quantisers (set ``enabled`` to switch QAT on and off). Checks every
+    block size before changing anything; raises ConfigError when no target exists."""
     found = check_fp4(model, targets, block)
     fakes = []
     for _, module, w, dim in found:
         fake = FakeFP4(dim, block, rule)
         parametrize.register_parametrization(module, w, fake)
         fakes.append(fake)
-    return fakes
+    return fakes + _install_indexer_quant(model, targets, block, rule)
 
 
 @torch.no_grad()
 def quantize_fp4_(model: nn.Module, targets: tuple[str, ...] = FP4_TARGETS, block: int = 32,
                   rule: str = "ocp") -> int:
-    """Post-hoc FP4: replace every target weight by its MXFP4 round trip, in place.
-    Returns the number of tensors quantised."""
+    """Post-hoc FP4: replace every target weight by its MXFP4 round trip, in place, and
+    switch on every target indexer's q/k quantiser. Returns the number of weight tensors
+    and indexers quantised."""
     found = check_fp4(model, targets, block)
     for _, module, w, dim in found:
         p = getattr(module, w)
         p.copy_(mxfp4_quantize(p, dim, block, rule))
-    return len(found)
+    return len(found) + len(_install_indexer_quant(model, targets, block, rule))

@@ -39,6 +39,8 @@ class LightningIndexer(nn.Module):
         self.wk = nn.Linear(dim, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim)
         self.weights_proj = nn.Linear(dim, self.n_heads, bias=False)
+        # MXFP4 fake quantiser of q and k (set by v4lab.modules.fp4 under trainer.quantize)
+        self.qk_quant: nn.Module | None = None
 
     def _rope(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.rope_dim == 0:
@@ -59,6 +61,8 @@ class LightningIndexer(nn.Module):
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         b, t, h, d = q.shape
+        if self.qk_quant is not None:  # the RoPE'd q and k, as they enter the matmul
+            q, k = self.qk_quant(q), self.qk_quant(k)
         qk = torch.matmul(q.reshape(b, t * h, d) * d ** -0.5, k.to(q.dtype).transpose(1, 2))
         qk = qk.relu_().view(b, t, h, -1)  # [B, T, H_I, S]
         return torch.matmul(w.unsqueeze(-2), qk).squeeze(-2)
