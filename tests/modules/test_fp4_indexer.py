@@ -152,3 +152,28 @@ def _v4_model_with_head_dim(d: int) -> Transformer:
     from test_v4_model import build, model_cfg, v4_cfg
 
     return build(model_cfg(v4_cfg(index_head_dim=d)))
+
+
+@pytest.mark.parametrize("mode", ["fp4_qat", "fp4_posthoc"])
+def test_trainer_quantize_switches_the_indexers_on_the_expert_schedule(mode):
+    """trainer.quantize drives the indexers with the experts' switch: QAT from step
+    floor(qat_start * max_steps) and at the end; post-hoc only after training."""
+    from v4lab.config import TrainerConfig
+    from v4lab.lit import LitLM
+
+    tcfg = TrainerConfig(max_steps=10, quantize=mode, qat_start=0.5)
+    lit = LitLM(_sparse_model().cfg, tcfg, torch.ones(64, dtype=torch.long))
+    indexers = [m for m in lit.modules() if isinstance(m, LightningIndexer)]
+
+    def on() -> list:
+        return [m.qk_quant is not None and m.qk_quant.enabled for m in indexers]
+
+    assert len(indexers) == 2 and on() == [False, False]
+    if mode == "fp4_qat":
+        lit._set_qat(4)
+        assert on() == [False, False]
+        lit._set_qat(5)
+        assert on() == [True, True]
+        lit._set_qat(0)
+    lit.on_fit_end()
+    assert on() == [True, True]
