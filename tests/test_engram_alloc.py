@@ -65,6 +65,7 @@ def test_equal_active_and_total_parameters(models):
     # total - active is exactly the hand-counted sparse part plus the embedding rows a
     # token does not use (nothing else moved)
     for pct, m in models.items():
+        assert not m.tie_embeddings  # untied: the head is active, the embedding one row
         unused_rows = (m.vocab_size - 1) * m.dim
         assert counts[pct]["total"] - counts[pct]["active"] == sum(_sparse_split(m)) + unused_rows
 
