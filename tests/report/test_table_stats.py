@@ -196,3 +196,11 @@ def test_manifest_equivalence_is_validated(tmp_path, equivalence, message):
         "name": "bad", "experiments": ["baseline"], "seeds": [0], "baseline": "baseline",
         "metrics": ["val/bpb"], "equivalence": {"val/bpb": 0.02}}))
     assert load_study(str(path), ROOT).equivalence == {"val/bpb": 0.02}
+
+
+def test_figure_bands_are_student_t_intervals():
+    from v4lab.report.figures import t_band
+
+    x = [3.0, 3.1, 3.25]
+    assert t_band(x) == pytest.approx(sps.t.interval(0.95, 2, loc=np.mean(x), scale=sps.sem(x)), rel=1e-12)
+    assert t_band([2.0]) == (2.0, 2.0)  # one seed: no band
