@@ -263,7 +263,7 @@ def test_killed_report_build_leaves_a_consistent_study_and_the_next_build_cleans
     assert not list(reports.glob(".tmp-*"))
     _links_resolve(reports)
     assert sorted(p.name for p in (reports / "figures" / "mini").iterdir()) == ["baseline.png", "mha.png"]
-    assert "| **baseline** (baseline) | 3 | 4.1000 ± " in (reports / "mini.md").read_text()
+    assert "| **baseline** (reference) | 3 | 4.1000 ± " in (reports / "mini.md").read_text()
     index = (reports / "README.md").read_text()
     assert json.loads((reports / "mini.json").read_text())["table_md"] in index  # not stale
     assert pl.read_csv(reports / "mini.csv")["val/bpb mean"].to_list() == pytest.approx([4.1, 3.55])

@@ -125,7 +125,7 @@ def test_dvc_stages_finder_and_report_rows_use_the_run_names(tmp_path):
     row = {r["experiment"]: r for r in table.iter_rows(named=True)}["mha-chip_nvidia_h800"]
     assert row["val/bpb mean"] == pytest.approx(3.605) and row["val/bpb delta"] == pytest.approx(0.6)
     md = markdown_table(study, table)
-    assert "| **baseline-chip_cpu_host** (baseline) | 2 |" in md and "| mha-chip_nvidia_h800 | 2 |" in md
+    assert "| **baseline-chip_cpu_host** (reference) | 2 |" in md and "| mha-chip_nvidia_h800 | 2 |" in md
     assert sorted(set(curves(study, runs)["experiment"].to_list())) == sorted(study.rows())
 
 
@@ -146,7 +146,7 @@ def test_a_swept_study_is_published_with_one_row_and_colour_per_chip(tmp_path, m
         (d / "curves.csv").write_text("step,val/bpb\n10,3.5\n20,3.1\n")
     build(study, root)
     md = (root / "reports" / "sw.md").read_text()
-    assert "| **full-chip_cpu_host** (baseline) | 2 |" in md and "| full-chip_nvidia_h800 | 2 |" in md
+    assert "| **full-chip_cpu_host** (reference) | 2 |" in md and "| full-chip_nvidia_h800 | 2 |" in md
     assert "x chip ['cpu_host', 'nvidia_h800'] x seeds [0, 1]" in md
     figures = sorted(p.name for p in (root / "reports" / "figures" / "sw").glob("*.png"))
     assert figures == ["chip_projections.png", "cost_vs_quality.png", "learning_curves.png"]

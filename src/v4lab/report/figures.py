@@ -65,6 +65,13 @@ def curves(study: Study, runs: Runs) -> pl.DataFrame | None:
     return pl.concat(frames, how="diagonal_relaxed")
 
 
+def t_band(values) -> tuple[float, float]:
+    """A seaborn ``errorbar``: the 95% Student-t interval of the mean over seeds (not a
+    bootstrap, which over 3 seeds is far too narrow)."""
+    m = mean_ci(list(values))
+    return (m.mean, m.mean) if m.n < 2 else (m.lo, m.hi)
+
+
 def learning_curves(c: Canvas) -> Made:
     """Training loss, answer loss and val/bpb against the step, one line per experiment."""
     import matplotlib.pyplot as plt
@@ -81,7 +88,7 @@ def learning_curves(c: Canvas) -> Made:
         d = data.filter(pl.col(col).is_not_null()).select("step", col, "experiment", "seed")
         d = d.to_dict(as_series=False)
         sns.lineplot(d, x="step", y=col, hue="experiment", hue_order=order, palette=c.palette,
-                     errorbar=("ci", 95) if len(study.seeds) > 1 else None, seed=0, marker="o",
+                     errorbar=t_band if len(study.seeds) > 1 else None, seed=0, marker="o",
                      markersize=3, ax=ax, legend=ax is axes[0][-1])
         ax.set(xlabel="training step", ylabel=registry.label(col), title=col)
         if col == "train/answer_loss":  # a uniform guess over the 10 digits
@@ -90,7 +97,7 @@ def learning_curves(c: Canvas) -> Made:
     if leg is not None:
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="experiment")
     fig.suptitle(f"{study.name}: learning curves (mean over {len(study.seeds)} seed(s)"
-                 + (", 95% CI band)" if len(study.seeds) > 1 else ")"))
+                 + (", 95% Student-t band)" if len(study.seeds) > 1 else ")"))
     return c.save(fig, "learning_curves.png", "Learning curves: training loss"
                   + (", loss on task answer tokens (dashed: chance, ln 10 per digit)"
                      if "train/answer_loss" in cols else "")
@@ -156,7 +163,7 @@ def accuracy_vs_context(c: Canvas) -> Made:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=c.study.rows(),
                  palette=c.palette, style="task", marker="o",
-                 errorbar=("ci", 95) if len(c.study.seeds) > 1 else None, seed=0, ax=ax)
+                 errorbar=t_band if len(c.study.seeds) > 1 else None, seed=0, ax=ax)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
            ylim=(-0.02, 1.02), title=f"{c.study.name}: accuracy vs context length")
@@ -185,7 +192,9 @@ def chip_projections(c: Canvas) -> Made:
             for m in records if m["seed"] == study.seeds[0] for k in proj]
     d = pl.DataFrame(rows).to_dict(as_series=False)
     fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(study.rows()) + 2.2))
-    sns.barplot(d, y="chip", x="tokens/s per device", hue="figure", ax=ax, orient="h")
+    # dots, not bars: a bar's length means nothing on a log axis
+    sns.stripplot(d, y="chip", x="tokens/s per device", hue="figure", ax=ax, orient="h", size=7,
+                  jitter=False, dodge=True)
     ax.set_xscale("log")
     ax.set(ylabel="", xlabel="projected throughput at V3-671B size (tokens/s per device, log scale)",
            title=f"{study.name}: roofline projections (analytic; see chip/marked_figures)")

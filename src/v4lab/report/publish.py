@@ -13,8 +13,7 @@ from v4lab.report import swap
 from v4lab.report.dashboards import log_to_wandb
 from v4lab.report.figures import draw
 from v4lab.report.runs import Runs, load_runs
-from v4lab.report.table import markdown_table, summarize
-from v4lab.stats import ALPHA
+from v4lab.report.table import findings, markdown_table, method_text, summarize
 from v4lab.studies.manifests import Study, available_studies
 
 REPORTS = "reports"
@@ -39,6 +38,7 @@ def build(study: Study, root: Path, reports: Path | None = None) -> Path:
     try:
         made = draw(study, runs, stage / "figures")
         prov = provenance(study, runs, made, markdown_table(study, table), root)
+        prov["findings"], prov["method"] = findings(study, table), method_text(study, table)
         prov["report_seconds"] = round(time.perf_counter() - t0, 1)
         table.write_csv(stage / f"{study.name}.csv", float_precision=10)
         (stage / f"{study.name}.json").write_text(json.dumps(prov, indent=2) + "\n")
@@ -89,10 +89,13 @@ def _data_manifests(runs: Runs, root: Path) -> list[Path]:
 
 
 def study_markdown(study: Study, prov: dict[str, Any]) -> str:
-    lines = [f"# Study `{study.name}`", "", study.description or "", "",
-             f"Mean ± 95% CI (Student t) over seeds {study.seeds}; Δ = difference of the mean to the "
-             f"baseline `{study.baseline}`, p = Welch's t-test, * = p < {ALPHA}. "
-             "n/a: one seed gives no interval or test.", "", prov["table_md"], ""]
+    """reports/S.md: the description, the findings generated from the table (significant
+    effects, equivalences shown, nulls with their MDE), the method, the table, the figures
+    and how it was made."""
+    lines = [f"# Study `{study.name}`", "", study.description or "", ""]
+    if prov.get("findings"):
+        lines += ["## Findings", "", *[f"- {f}" for f in prov["findings"]], ""]
+    lines += [prov["method"], "", prov["table_md"], ""]
     for f in prov["figures"]:
         lines += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}.*", ""]
     lines += ["## How it was made", "", *_provenance_lines(prov), ""]

@@ -1,52 +1,140 @@
-"""The published table: one row per experiment (and sweep value), per metric the mean over seeds +- the
-half-width of a 95% Student-t confidence interval, the difference to the baseline row and
-the p-value of Welch's t-test (significant: p < 0.05)."""
+"""The published table: one row per experiment (and sweep value); per metric the mean over
+seeds with its 95% interval, the difference to the reference row (the manifest's
+``baseline``) with its 95% interval, the p-value of a t-test whose seed variance is pooled
+over every row of the study (:func:`v4lab.stats.pooled_comparisons`), Holm-corrected over
+the rows compared, and the minimum detectable effect (80% power) of that test.
+
+Accuracies (``probe/acc@<L>``, ``*/acc``) whose runs also record how many answers they
+were measured on (``probe/answers@<L>``) show the accuracy pooled over seeds with an exact
+Clopper-Pearson interval on the pooled counts; their comparison stays the seed-level test.
+A metric with an equivalence margin in the manifest gets a TOST per row."""
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from v4lab.report.runs import Runs, check_metrics
-from v4lab.stats import ALPHA, constant, is_number, mean_ci, welch_p
+from v4lab.stats import (
+    ALPHA,
+    Comparison,
+    clopper_pearson,
+    constant,
+    holm,
+    is_number,
+    mde,
+    mean_ci,
+    pooled_comparisons,
+    pooled_sd,
+    tost,
+)
 from v4lab.studies.manifests import Study
+
+POWER = 0.8  # the power at which each row's minimum detectable effect is given
+ACCURACY = re.compile(r"probe/acc@[^/]+|.+/acc")  # proportions (fraction correct)
+
+
+def answers_key(metric: str) -> str | None:
+    """The metrics.json key holding the number of answers behind accuracy ``metric``
+    (``probe/acc@128`` -> ``probe/answers@128``), or None when none is recorded."""
+    m = re.fullmatch(r"probe/acc@([^/]+)", metric)
+    return f"probe/answers@{m.group(1)}" if m else None
 
 
 def summarize(study: Study, runs: Runs) -> pl.DataFrame:
     """One row per experiment and sweep value (manifest order; the label in column
-    ``experiment``: :meth:`Study.rows`): n, and per metric ``<m> mean``, ``<m> ci95``,
-    ``<m> delta``, ``<m> p``, ``<m> significant``, ``<m> exact`` (no spread in this row nor
-    the baseline's: a deterministic figure, compared without a test; string metrics:
-    ``<m>`` only)."""
+    ``experiment``: :meth:`Study.rows`): n, and per numeric metric ``<m> mean``, ``<m> ci95``
+    (half-width of the seed-level Student-t interval), ``<m> lo``/``<m> hi`` (the interval
+    shown: Student t, or Clopper-Pearson on pooled counts where ``<m> answers`` is given),
+    ``<m> delta`` with ``<m> delta_lo``/``<m> delta_hi``, ``<m> p`` (pooled t-test vs the
+    reference), ``<m> p_holm``, ``<m> significant`` (p_holm < 0.05), ``<m> mde``,
+    ``<m> exact`` (no spread in this row nor the reference's: a deterministic figure,
+    compared without a test), and with a margin ``<m> tost_p`` and ``<m> equivalent``.
+    String metrics: ``<m>`` only."""
     check_metrics(study, runs)
-    by_exp = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.rows()}
-    base = by_exp[study.baseline]
-    rows = []
-    for e, ms in by_exp.items():
-        row: dict[str, Any] = {"experiment": e, "n": len(ms)}
-        for metric in study.metrics:
-            values = [m[metric] for m in ms]
-            if not all(is_number(v) for v in values):
-                distinct = sorted({str(v) for v in values})
-                row[metric] = " / ".join(distinct)
-                continue
-            values = [float(v) for v in values]
-            ref = [float(m[metric]) for m in base]
-            m = mean_ci(values)
-            mean, ci = m.mean, m.half_width
-            row[f"{metric} mean"], row[f"{metric} ci95"] = mean, ci
-            if e == study.baseline:
-                row[f"{metric} delta"], row[f"{metric} p"] = 0.0, math.nan
-            else:
-                row[f"{metric} delta"] = mean - sum(ref) / len(ref)
-                row[f"{metric} p"] = welch_p(values, ref)
-            p = row[f"{metric} p"]
-            row[f"{metric} significant"] = bool(p < ALPHA) if not math.isnan(p) else None
-            row[f"{metric} exact"] = len(values) > 1 and constant(values) and constant(ref)
-        rows.append(row)
-    return pl.DataFrame(rows, infer_schema_length=None)
+    records = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.rows()}
+    rows: dict[str, dict[str, Any]] = {e: {"experiment": e, "n": len(ms)} for e, ms in records.items()}
+    for metric in study.metrics:
+        values = {e: [m[metric] for m in ms] for e, ms in records.items()}
+        if not all(is_number(v) for vs in values.values() for v in vs):
+            for e, vs in values.items():
+                rows[e][metric] = " / ".join(sorted({str(v) for v in vs}))
+            continue
+        groups = {e: [float(v) for v in vs] for e, vs in values.items()}
+        cells = _metric_cells(study, metric, groups, records)
+        for e in rows:
+            rows[e].update({f"{metric} {k}": v for k, v in cells[e].items()})
+    return pl.DataFrame(list(rows.values()), infer_schema_length=None)
+
+
+def _interval(metric: str, values: list[float], ms: list[dict[str, Any]]) -> dict[str, Any]:
+    """mean, ci95, lo, hi (and answers) of one row of a numeric metric."""
+    m = mean_ci(values)
+    out = {"mean": m.mean, "ci95": m.half_width, "lo": m.lo, "hi": m.hi}
+    key = answers_key(metric) if ACCURACY.fullmatch(metric) else None
+    if key and all(is_number(r.get(key)) and r[key] >= 1 for r in ms):
+        n = sum(int(r[key]) for r in ms)
+        k = sum(round(float(r[metric]) * int(r[key])) for r in ms)  # correct answers of each seed
+        out["mean"], out["answers"] = k / n, n
+        out["lo"], out["hi"] = clopper_pearson(int(k), n)
+    return out
+
+
+def _comparisons(ref: str, groups: dict[str, list[float]]) -> tuple[dict[str, Comparison], float, int]:
+    """Each row against ``ref`` (exact where neither has spread), the pooled SD and its df
+    (nan, 0 when the study has a single seed per row: no test)."""
+    try:
+        s, df = pooled_sd(groups)
+    except ValueError:  # one seed per row: no degrees of freedom
+        return {}, math.nan, 0
+    pooled = pooled_comparisons(groups, ref)
+    a = groups[ref]
+    out = {}
+    for e, vs in groups.items():
+        if e == ref:
+            continue
+        if len(vs) > 1 and constant(vs) and constant(a):  # deterministic: exactly equal or not
+            delta = float(np.mean(vs) - np.mean(a))
+            same = math.isclose(float(np.mean(vs)), float(np.mean(a)), rel_tol=1e-9)
+            out[e] = Comparison(e, ref, delta, delta, delta, 1.0 if same else 0.0, 0.0, df,
+                                len(vs), len(a))
+        else:
+            out[e] = pooled[e]
+    return out, s, df
+
+
+def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
+                  records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every row's cells of one numeric metric (keys without the metric's name)."""
+    ref = study.baseline
+    comps, s, df = _comparisons(ref, groups)
+    tested = [e for e, c in comps.items() if c.se > 0]
+    adjusted = dict(zip(tested, holm([comps[e].p for e in tested]))) if tested else {}
+    margin = study.equivalence.get(metric)
+    out = {}
+    for e, vs in groups.items():
+        cell = _interval(metric, vs, records[e])
+        c = comps.get(e)
+        exact = c is not None and c.se == 0
+        p = c.p if c else math.nan
+        p_holm = float(adjusted.get(e, p))  # exact comparisons are not tests: not corrected
+        cell |= {"delta": c.delta if c else float(np.mean(vs) - np.mean(groups[ref])),
+                 "delta_lo": c.lo if c else math.nan, "delta_hi": c.hi if c else math.nan,
+                 "p": p, "p_holm": p_holm,
+                 "significant": None if math.isnan(p_holm) else bool(p_holm < ALPHA),
+                 "mde": mde(s, len(vs), len(groups[ref]), df, target=POWER)
+                 if c is not None and not exact and s > 0 else math.nan,
+                 "exact": exact}
+        if margin is not None:
+            eq = tost(c, margin) if c else None
+            cell |= {"tost_p": eq.p if eq else math.nan,
+                     "equivalent": eq.equivalent if eq else None}
+        out[e] = cell
+    return out
 
 
 def fmt(v: float) -> str:
@@ -60,31 +148,105 @@ def fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+def _signed(v: float) -> str:
+    return ("+" if v > 0 else "") + fmt(v)
+
+
+def _p(p: float) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.3g}"
+
+
+def _has_mde(table: pl.DataFrame, metric: str) -> bool:
+    col = f"{metric} mde"
+    return col in table.columns and any(v is not None and not math.isnan(v) for v in table[col])
+
+
+def _mean_cell(row: dict[str, Any], metric: str) -> str:
+    if row.get(f"{metric} answers") is not None:  # pooled counts: exact interval
+        return (f"{fmt(row[f'{metric} mean'])} [{fmt(row[f'{metric} lo'])}, {fmt(row[f'{metric} hi'])}]"
+                f" ({row[f'{metric} answers']:,} answers)")
+    return fmt(row[f"{metric} mean"]) + f" ± {fmt(row[f'{metric} ci95'])}"
+
+
+def _delta_cell(row: dict[str, Any], metric: str) -> str:
+    delta = row[f"{metric} delta"]
+    if row[f"{metric} exact"]:  # deterministic figure: no test to make
+        return f"{_signed(delta)} (exact)" if row[f"{metric} p"] == 0 else "0 (exact)"
+    text = f"{_signed(delta)} (p={_p(row[f'{metric} p_holm'])})"
+    text += " *" if row[f"{metric} significant"] else ""
+    if row.get(f"{metric} equivalent"):
+        text += f" ≈ (TOST p={_p(row[f'{metric} tost_p'])})"
+    return text
+
+
 def markdown_table(study: Study, table: pl.DataFrame) -> str:
-    """The published table: ``mean ± CI`` and ``Δ vs baseline (p)`` per metric."""
+    """The published table: per metric ``mean ± CI``, ``Δ vs reference (Holm p)`` and, where
+    a test was made, the row's MDE."""
     header = ["experiment", "n"]
     for metric in study.metrics:
         header += [metric] if metric in table.columns else [metric, f"Δ {metric}"]
+        header += [f"MDE {metric}"] if _has_mde(table, metric) else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.iter_rows(named=True):
         name = row["experiment"]
-        name = f"**{name}** (baseline)" if name == study.baseline else name
-        cells = [name, str(row["n"])]
+        is_ref = name == study.baseline
+        cells = [f"**{name}** (reference)" if is_ref else name, str(row["n"])]
         for metric in study.metrics:
             if metric in table.columns:
                 cells.append(str(row[metric]))
                 continue
-            ci = row[f"{metric} ci95"]
-            cells.append(fmt(row[f"{metric} mean"]) + f" ± {fmt(ci)}")
-            if row["experiment"] == study.baseline:
-                cells.append("—")
-            else:
-                p, sig = row[f"{metric} p"], row[f"{metric} significant"]
-                sign = "+" if row[f"{metric} delta"] > 0 else ""
-                if row[f"{metric} exact"]:  # deterministic figure: no test to make
-                    cells.append(f"{sign}{fmt(row[f'{metric} delta'])} (exact)" if p == 0 else "0 (exact)")
-                    continue
-                p_text = "n/a" if math.isnan(p) else f"{p:.3g}"
-                cells.append(f"{sign}{fmt(row[f'{metric} delta'])} (p={p_text})" + (" *" if sig else ""))
+            cells += [_mean_cell(row, metric), "—" if is_ref else _delta_cell(row, metric)]
+            if _has_mde(table, metric):
+                cells.append("—" if is_ref else fmt(row[f"{metric} mde"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def method_text(study: Study, table: pl.DataFrame) -> str:
+    """The sentence under a table that says what its numbers are."""
+    k = len(study.rows()) - 1
+    text = (f"Mean ± 95% CI (Student t) over seeds {study.seeds}; Δ = difference of the mean to "
+            f"the reference row `{study.baseline}`; p = two-sided t-test of Δ = 0 with the seed "
+            f"variance pooled over all {len(study.rows())} rows of the study (df = runs − rows), "
+            f"Holm-corrected over the {k} row(s) compared with the reference, per metric; "
+            f"* = corrected p < {ALPHA}. MDE = the smallest true |Δ| this test detects with "
+            f"{POWER:.0%} power at α = {ALPHA} (pooled SD, the row's and the reference's seeds). "
+            "(exact): a figure without spread in the row and the reference, compared without a "
+            "test. n/a: one seed gives no interval or test.")
+    if any(c.endswith(" answers") for c in table.columns):
+        text += (" Accuracies with [lo, hi]: pooled over seeds, exact Clopper–Pearson 95% "
+                 "interval on the pooled answer counts; their Δ and p are from the seed-level test.")
+    if study.equivalence:
+        margins = ", ".join(f"{m} ±{v:g}" for m, v in study.equivalence.items())
+        text += (f" ≈ = shown equivalent to the reference by TOST (two one-sided pooled t-tests "
+                 f"at {ALPHA}) within the margin: {margins}.")
+    return text
+
+
+def _finding(study: Study, row: dict[str, Any], metric: str) -> str | None:
+    e, margin = row["experiment"], study.equivalence.get(metric)
+    delta, p = row[f"{metric} delta"], row[f"{metric} p_holm"]
+    if row[f"{metric} exact"] or p is None or math.isnan(p):
+        return None
+    if row[f"{metric} significant"]:
+        return (f"`{e}`: {metric} Δ = {_signed(delta)} (95% CI {_signed(row[f'{metric} delta_lo'])} "
+                f"to {_signed(row[f'{metric} delta_hi'])}), Holm p = {_p(p)}.")
+    if row.get(f"{metric} equivalent"):
+        return (f"`{e}`: {metric} equivalent to `{study.baseline}` within ±{margin:g} "
+                f"(Δ = {_signed(delta)}, TOST p = {_p(row[f'{metric} tost_p'])}).")
+    return (f"`{e}`: {metric} no detectable difference (Δ = {_signed(delta)}, Holm p = {_p(p)}); "
+            f"MDE = {fmt(row[f'{metric} mde'])} at {POWER:.0%} power.")
+
+
+def findings(study: Study, table: pl.DataFrame) -> list[str]:
+    """Short factual lines from the table: for the primary metric (the manifest's first) and
+    every other numeric metric with a test, each row significantly different after Holm
+    (Δ, its 95% CI, corrected p), shown equivalent by TOST (margin), or a null with its MDE.
+    Deterministic figures and single-seed studies give none."""
+    out = []
+    for metric in study.metrics:
+        if f"{metric} p_holm" not in table.columns:
+            continue
+        out += [f for row in table.iter_rows(named=True)
+                if row["experiment"] != study.baseline and (f := _finding(study, row, metric))]
+    return out

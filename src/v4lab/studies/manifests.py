@@ -11,6 +11,7 @@ A study manifest is ``experiments/<name>.yaml``::
     baseline: baseline            # the row every other row is compared with
     metrics: [val/bpb, cost/kv_bytes_per_token]   # the table's columns (v4lab.metrics names)
     overrides: [profile=smoke]    # optional: applied to every run of the study
+    equivalence: {val/bpb: 0.02}  # optional: TOST margin per metric ("matches" claims)
 
 One table row per experiment and sweep value; its label, e.g. ``full-chip_ascend_910c``
 (the experiment, then ``-<axis>_<value>`` per sweep axis, the axis named by the last part of
@@ -21,6 +22,7 @@ run folder, the DVC stage, the W&B run). Without ``sweep`` a row is just the exp
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ import yaml
 from v4lab.errors import ConfigError
 
 REQUIRED_KEYS = ("name", "experiments", "seeds", "baseline", "metrics")
-OPTIONAL_KEYS = ("description", "sweep", "overrides")
+OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence")
 # Keys a study sets itself; an override of them would break the run <-> folder mapping.
 OWNED_KEYS = ("experiment", "+experiment", "seed", "study", "variant", "hydra.sweep.dir",
               "hydra.sweep.subdir")
@@ -86,6 +88,7 @@ class Study:
     description: str = ""
     sweep: dict[str, list[str]] = field(default_factory=dict)  # key: values (as Hydra reads them)
     groups: tuple[str, ...] = ()  # the sweep keys that are config groups (conf/<key>/)
+    equivalence: dict[str, float] = field(default_factory=dict)  # metric: TOST margin (> 0)
 
     def cells(self) -> list[Run]:
         """One seedless run per table row: experiments outer, then the sweep values (the
@@ -181,11 +184,32 @@ def parse_study(data: Any, source: str, root: Path) -> Study:
     sweep, groups = parse_sweep(data.get("sweep"), source, root, overrides)
     description = data.get("description") or ""
     study = Study(name, experiments, list(seeds), data["baseline"], metrics, overrides, str(description),
-                  sweep, groups)
+                  sweep, groups, parse_equivalence(data.get("equivalence"), source, metrics))
     if study.baseline not in study.rows():
         raise ConfigError(f"{source}: baseline={study.baseline!r} is not allowed: one of the study's "
                           f"{'rows' if sweep else 'experiments'} ({', '.join(study.rows())})")
     return study
+
+
+def parse_equivalence(value: Any, source: str, metrics: list[str]) -> dict[str, float]:
+    """A manifest's ``equivalence``: {metric: margin}, each metric one of ``metrics`` and each
+    margin a number > 0 (in the metric's unit: the largest difference that still "matches")."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{source}: equivalence={value!r} is not allowed: a mapping of a metric "
+                          "of the study to its equivalence margin, e.g. {val/bpb: 0.02}")
+    out = {}
+    for metric, margin in value.items():
+        if metric not in metrics:
+            raise ConfigError(f"{source}: equivalence key {metric!r} is not allowed: one of the "
+                              f"study's metrics ({', '.join(metrics)})")
+        if (not isinstance(margin, (int, float)) or isinstance(margin, bool)
+                or not math.isfinite(margin) or not margin > 0):
+            raise ConfigError(f"{source}: equivalence {metric}={margin!r} is not allowed: a margin, "
+                              "a finite number > 0 in the metric's unit")
+        out[metric] = float(margin)
+    return out
 
 
 def _key_default(key: str, root: Path) -> Any:
