@@ -132,7 +132,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("cost/train_flops_per_token", "FLOP/token", LOWER, COST, doc="analytic (accounting)"),
     Metric("cost/train_flops_per_token_counted", "FLOP/token", LOWER, COST,
            doc="counted by torch's FlopCounterMode on the run's model"),
-    Metric("cost/kv_bytes@<context>", "bytes", LOWER, COST, doc="KV cache held at one context"),
+    Metric("cost/kv_bytes@<context>", "bytes", LOWER, COST,
+           doc="KV cache held by one sequence at one context, read off the stored tensors (V4: "
+               "min(W - 1, context) window-ring entries + compressed entries + indexer keys)"),
     # (engram/ keeps the quality tolerance it always had in `check`)
     Metric("engram/params", "parameters", LOWER, QUALITY, doc="Engram table parameters"),
     Metric("engram/canonical_vocab_ratio", "ratio", NONE, QUALITY, doc="canonical ids / vocabulary"),
