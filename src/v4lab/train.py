@@ -257,11 +257,13 @@ def _run(run_cfg: RunConfig, numerics: build.Numerics, threads: ThreadChoice, ru
     p = _build(run_cfg, numerics, last, rank_zero)
     callbacks, throughput, record, interactive = _callbacks(run_cfg, run_dir, extra_callbacks)
     # Lightning's WandbLogger opens its run on rank 0 only (the other ranks get a no-op).
-    logger = tracking.make_logger(run_cfg, run_dir, config_dict)
+    logger = tracking.make_logger(run_cfg, run_dir, config_dict, numerics.matmul_dtype, threads.metrics())
     strategy = distributed.make_strategy(t, run_dir)
     ok = False
     try:
         trainer = _trainer(run_cfg, numerics, run_dir, callbacks, interactive, logger, strategy)
+        if logger is not None:
+            tracking.key_by_global_step(logger, trainer)
         fitted = _fit(trainer, p, record, last, t.max_steps, t.checkpoint_every_n_steps)
         metrics = _metrics(run_cfg, config_dict, trainer, p, fitted, throughput, threads)
         if trainer.is_global_zero:
