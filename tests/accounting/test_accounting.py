@@ -468,4 +468,3 @@ def test_mhc_and_mtp_forward_flops_match_torch_flop_counter():
     f = accounting.forward_flops_per_token(cfg, float(t), float(t))
     assert f["mtp"] > 0 and f["hc"] > 0
     assert sum(f.values()) - elementwise == counted
-

@@ -454,4 +454,3 @@ def test_cli_fp8_kv_on_ascend_errors_then_falls_back(capsys):
 def test_cli_unknown_experiment_is_a_clear_error(capsys):
     assert cli.main(["+experiment=nowhere"]) == 2
     assert "nowhere" in capsys.readouterr().out
-
