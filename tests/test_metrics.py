@@ -17,13 +17,14 @@ from v4lab.metrics import HIGHER, LOWER, NONE, P_TOLERANCE, metric
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "v4lab"
 PREFIXES = ("val", "test", "cost", "speed", "task", "moe", "engram", "sparse", "chip", "train", "time",
-            "host", "hc")
+            "host", "hc", "final")
 NAME = re.compile(rf"(?:{'|'.join(PREFIXES)})/[^\s*]+")
 # f-strings whose names are built from parts the tests below check at run time
 BUILT = {
     "chip/<prefix>proj_<k>": "chips.chip_metrics: every key checked in test_chip_metrics_are_registered",
     "chip/<prefix><k>": "the same",
     "train/<name>": "ForwardContext.add_loss names (AUX_LOSSES), checked in the source scan",
+    "final/<name>": "callbacks.PieceTail: add_stat names (registered) under final/, checked below",
     "task/all@": "a prefix (train.report's startswith), not a name",
     "task/<task>/<label>": "label in (acc_trained_lengths, acc_extrapolated): see the lookups below",
 }
@@ -76,6 +77,12 @@ def test_every_metric_name_in_the_source_is_registered():
             "train/moe/aux_loss", "sparse/recall"} <= set(names)  # the scan sees them
     unknown = {n: where for n, where in names.items() if n not in BUILT and not metrics.known(n)}
     assert not unknown, f"register these in src/v4lab/metrics.py: {unknown}"
+
+
+def test_every_piece_stat_has_its_final_figure():
+    stats = {n for n, where in _names_in_source().items() if where.endswith("(add_stat)")}
+    assert {"moe/load_cv", "engram/gate_mean", "sparse/recall", "hc/fwd_gain"} <= stats
+    assert all(metrics.known(f"final/{n}") for n in stats)
 
 
 def test_an_unregistered_name_is_caught():

@@ -1,6 +1,6 @@
 """Lightning callbacks and plugins of a run: atomic checkpoints, throughput, the training
-record (last loss, training seconds), plain progress lines, and the learning curves
-(``curves.csv``).
+record (last loss, training seconds), the pieces' end-of-training figures, plain progress
+lines, and the learning curves (``curves.csv``).
 
 Each callback with state carries it in the checkpoint (``state_dict``), so a resumed run
 reports the speed, time and curve of all its training, not of its last segment.
@@ -9,9 +9,11 @@ reports the speed, time and curve of all its training, not of its last segment.
 from __future__ import annotations
 
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -99,6 +101,42 @@ class TrainRecord(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loss, self.before = float(state_dict["loss"]), float(state_dict["seconds"])
+
+
+class PieceTail(Callback):
+    """Each piece's end-of-training figures (MoE load balance, Engram gate, indexer
+    recall, mHC gains: the ``ForwardContext`` statistics a training step logs): the mean
+    of each over the last ``window`` training steps (the last logging window), written to
+    metrics.json as ``final/<stat>`` (:meth:`figures`).
+
+    It keeps the 0-d tensors ``LitLM.training_step`` left in ``last_stats`` as they are
+    (on the device): nothing waits for the device during training; the one transfer is
+    in :meth:`figures` (and when a checkpoint is written, which carries the window so a
+    resumed run reports the same figures). Rank 0's own batches under DDP."""
+
+    def __init__(self, window: int) -> None:
+        self.tail: deque[dict[str, Any]] = deque(maxlen=max(1, window))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = getattr(pl_module, "last_stats", None)
+        if stats:
+            self.tail.append(dict(stats))
+
+    def figures(self) -> dict[str, float]:
+        """``final/<stat>``: the mean over the steps of the window that report the stat."""
+        names = sorted({n for step in self.tail for n in step})
+        out = {}
+        for name in names:
+            values = [torch.as_tensor(s[name]).detach().double().cpu() for s in self.tail if name in s]
+            out[f"final/{name}"] = float(torch.stack(values).mean())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tail": [{k: float(v) for k, v in step.items()} for step in self.tail]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tail.clear()
+        self.tail.extend(dict(step) for step in state_dict.get("tail", []))
 
 
 class PlainProgress(Callback):

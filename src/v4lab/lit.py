@@ -49,6 +49,7 @@ class LitLM(L.LightningModule):
         self.answer_loss_weight = answer_loss_weight
         self.last_answer = (0.0, 0)  # this step's (summed answer loss, answer tokens)
         self.last_mtp: torch.Tensor | None = None  # this step's MTP cross-entropy
+        self.last_stats: dict[str, torch.Tensor] = {}  # this step's piece statistics (0-d, on device)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         self._eval_sums: dict[str, torch.Tensor] = {}
         # FP4 (trainer.quantize): QAT reads the routed-expert weights (and the indexers read
@@ -145,7 +146,8 @@ class LitLM(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         for name, value in ctx.aux_losses.items():
             self.log(f"train/{name}", value)
-        for name, value in ctx.stat_tensors().items():  # reduced by Lightning when it logs
+        self.last_stats = ctx.stat_tensors()  # callbacks.PieceTail keeps the last window
+        for name, value in self.last_stats.items():  # reduced by Lightning when it logs
             self.log(name, value)
         if self.last_mtp is not None:
             self.log("train/mtp_loss", self.last_mtp)  # unweighted cross-entropy (nats)

@@ -56,7 +56,9 @@ def _q(name: str, unit: str, direction: str = LOWER, doc: str = "", finite: bool
 
 
 # Diagnostics the pieces report (ForwardContext.add_stat): under their own name while
-# training (W&B), and as val/<stat>, test/<stat> in metrics.json.
+# training (W&B), as val/<stat>, test/<stat> in metrics.json, and as final/<stat>: the
+# end of training, the mean over the last trainer.log_every_n_steps training steps
+# (callbacks.PieceTail; MoE's load statistics exist only in training steps).
 PIECE_STATS = (
     Metric("moe/load_cv", "ratio", LOWER, QUALITY, doc="std/mean of the tokens per routed expert"),
     Metric("moe/max_over_mean", "ratio", LOWER, QUALITY, doc="busiest expert's load over the mean"),
@@ -118,6 +120,9 @@ METRICS: tuple[Metric, ...] = (
     *(Metric(f"{split}/{s.name}", s.unit, s.direction, s.tolerance, doc=s.doc)
       for split in ("val", "test") for s in PIECE_STATS),
     *PIECE_STATS,
+    *(Metric(f"final/{s.name}", s.unit, s.direction, s.tolerance,
+             doc=f"{s.doc}: mean over the last log_every_n_steps training steps")
+      for s in PIECE_STATS),
     # -- long-context tasks (evaluate.evaluate) -------------------------------------------
     _q("task/<task>@<context>/acc", "accuracy", HIGHER, "exact-match accuracy at one context length"),
     _q("task/<task>@<context>/chance", "accuracy", NONE, "a guess's expected accuracy"),
@@ -132,7 +137,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("cost/train_flops_per_token", "FLOP/token", LOWER, COST, doc="analytic (accounting)"),
     Metric("cost/train_flops_per_token_counted", "FLOP/token", LOWER, COST,
            doc="counted by torch's FlopCounterMode on the run's model"),
-    Metric("cost/kv_bytes@<context>", "bytes", LOWER, COST, doc="KV cache held at one context"),
+    Metric("cost/kv_bytes@<context>", "bytes", LOWER, COST,
+           doc="KV cache held by one sequence at one context, read off the stored tensors (V4: "
+               "min(W - 1, context) window-ring entries + compressed entries + indexer keys)"),
     # (engram/ keeps the quality tolerance it always had in `check`)
     Metric("engram/params", "parameters", LOWER, QUALITY, doc="Engram table parameters"),
     Metric("engram/canonical_vocab_ratio", "ratio", NONE, QUALITY, doc="canonical ids / vocabulary"),

@@ -10,6 +10,16 @@ where wandb looks (WANDB_API_KEY, an identity token file, the netrc entry of
 WANDB_BASE_URL's host) and the server, or the HTTPS proxy, must accept a TCP connection
 within ``V4LAB_WANDB_PROBE_S`` seconds (default 3). A run's W&B record ends
 with the run's real exit code: a failed run is recorded as failed.
+
+The history is keyed by the trainer's global step (:func:`key_by_global_step`): every
+row's ``trainer/global_step``, the x-axis Lightning's WandbLogger gives every metric, is
+``trainer.global_step`` when the row is logged, the optimizer updates so far, as in
+``curves.csv`` and the progress lines (Lightning's own counter lags one step behind it
+in the training rows and the validations during fit, not in a later validate). The run's
+tags name the effective numerics (chip, matmul dtype, the KV-cache dtype the model
+really stores after the chip's policy); its config records the host's thread count and
+load at the start (``host/*``, also in metrics.json and the summary), so a run that
+fails still has them.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from v4lab.chips import kv_dtype
 from v4lab.config import RunConfig
 
 log = logging.getLogger("v4lab")
@@ -82,10 +93,14 @@ def resolve_mode(cfg: RunConfig) -> str:
     return mode
 
 
-def run_tags(cfg: RunConfig) -> list[str]:
-    """The switches that are on, as W&B tags."""
+def run_tags(cfg: RunConfig, matmul_dtype: str | None = None) -> list[str]:
+    """The switches that are on and the effective numerics, as W&B tags: ``cfg.model`` is
+    the model the run builds (after the chip's KV policy, :func:`v4lab.build.numerics`),
+    ``matmul_dtype`` the chip's matmul dtype."""
     a, m = cfg.model.attention, cfg.model
-    tags = [f"attn:{a.kind}", f"kv:{a.kv_cache.dtype}"]
+    tags = [f"attn:{a.kind}", f"kv:{kv_dtype(m)}", f"chip:{cfg.chip.name}"]
+    if matmul_dtype is not None:
+        tags.append(f"matmul:{matmul_dtype}")
     if a.kind == "mla" and a.sparse.enabled:
         tags.append("sparse")
     if a.kind == "mla" and a.vvpa:
@@ -97,8 +112,10 @@ def run_tags(cfg: RunConfig) -> list[str]:
     return tags
 
 
-def make_logger(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]):
-    """A Lightning WandbLogger for this run, or None when W&B is disabled."""
+def make_logger(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any],
+                matmul_dtype: str | None = None, host: dict[str, float] | None = None):
+    """A Lightning WandbLogger for this run, or None when W&B is disabled. ``matmul_dtype``:
+    the chip's (a tag); ``host``: the thread count and load (``ThreadChoice.metrics``)."""
     mode = resolve_mode(cfg)
     if mode == "disabled":
         return None
@@ -111,9 +128,22 @@ def make_logger(cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]):
     run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     return WandbLogger(
         project=cfg.logger.project, name=f"{cfg.experiment}{cfg.variant}-s{cfg.seed}", group=cfg.study,
-        tags=run_tags(cfg), job_type="train", save_dir=str(log_dir), id=run_id,
-        resume="allow", config=config_dict, log_model=False,
+        tags=run_tags(cfg, matmul_dtype), job_type="train", save_dir=str(log_dir), id=run_id,
+        resume="allow", config={**config_dict, **(host or {})}, log_model=False,
     )
+
+
+def key_by_global_step(logger, trainer) -> None:
+    """Make ``logger`` key every row by ``trainer.global_step`` at the time it is logged
+    (Lightning passes its batches-stepped counter, which the training rows and in-fit
+    validations read before it moves: the validation after 6 updates came out as step 5,
+    the one after fit as step 6)."""
+    log_metrics = logger.log_metrics
+
+    def keyed(metrics, step=None):
+        return log_metrics(metrics, step=int(trainer.global_step))
+
+    logger.log_metrics = keyed
 
 
 def finish(exit_code: int = 0) -> None:

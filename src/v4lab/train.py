@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from omegaconf import DictConfig, OmegaConf
 
 from v4lab import build, chips, distributed, tracking
-from v4lab.callbacks import AtomicCheckpointIO, CurveLog, PlainProgress, Throughput, TrainRecord
+from v4lab.callbacks import AtomicCheckpointIO, CurveLog, PieceTail, PlainProgress, Throughput, TrainRecord
 from v4lab.config import RunConfig, load_run_config
 from v4lab.data.datamodule import CorpusDataModule
 from v4lab.data.tasks import TaskVocab
@@ -153,15 +153,16 @@ def _build(run_cfg: RunConfig, numerics: build.Numerics, last: Path, rank_zero: 
 
 def _callbacks(run_cfg: RunConfig, run_dir: Path, extra_callbacks: list[Callback] | None
                ) -> tuple[list[Callback], Throughput, TrainRecord, bool]:
-    """Checkpoints, throughput, the training record, progress (a bar on a terminal, lines
-    otherwise: the last value says which), the learning curves, the caller's extra callbacks."""
+    """Checkpoints, throughput, the training record, the pieces' last-window figures,
+    progress (a bar on a terminal, lines otherwise: the last value says which), the
+    learning curves, the caller's extra callbacks."""
     t = run_cfg.trainer
     throughput, record = Throughput(t.batch_size * t.seq_len), TrainRecord()
     interactive = sys.stdout.isatty()
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps,
                         save_last=True, save_top_k=0),
-        throughput, record,
+        throughput, record, PieceTail(t.log_every_n_steps),
         RichProgressBar() if interactive else PlainProgress(t.log_every_n_steps, throughput),
         CurveLog(run_dir / "curves.csv", t.log_every_n_steps),
         *(extra_callbacks or []),
@@ -223,6 +224,9 @@ def _metrics(run_cfg: RunConfig, config_dict: dict[str, Any], trainer: L.Trainer
     }
     for key, value in {**val, **test}.items():  # each piece's own figures (sparse/, moe/, ...)
         metrics.setdefault(key, float(value))
+    for callback in trainer.callbacks:  # and at the end of training (final/moe/load_cv, ...)
+        if isinstance(callback, PieceTail):
+            metrics |= callback.figures()
     if trainer.world_size > 1:  # the processes that took part (the gloo/NCCL group's size)
         metrics |= {"train/processes": int(trainer.world_size), "train/strategy": run_cfg.trainer.strategy}
     return metrics
@@ -253,11 +257,13 @@ def _run(run_cfg: RunConfig, numerics: build.Numerics, threads: ThreadChoice, ru
     p = _build(run_cfg, numerics, last, rank_zero)
     callbacks, throughput, record, interactive = _callbacks(run_cfg, run_dir, extra_callbacks)
     # Lightning's WandbLogger opens its run on rank 0 only (the other ranks get a no-op).
-    logger = tracking.make_logger(run_cfg, run_dir, config_dict)
+    logger = tracking.make_logger(run_cfg, run_dir, config_dict, numerics.matmul_dtype, threads.metrics())
     strategy = distributed.make_strategy(t, run_dir)
     ok = False
     try:
         trainer = _trainer(run_cfg, numerics, run_dir, callbacks, interactive, logger, strategy)
+        if logger is not None:
+            tracking.key_by_global_step(logger, trainer)
         fitted = _fit(trainer, p, record, last, t.max_steps, t.checkpoint_every_n_steps)
         metrics = _metrics(run_cfg, config_dict, trainer, p, fitted, throughput, threads)
         if trainer.is_global_zero:

@@ -15,7 +15,15 @@ analytic roofline cost projection. One job per module:
 """
 
 from v4lab.chips.host import host_cache_path, host_key, matmul_flops, measure_host
-from v4lab.chips.numerics import apply_numerics, build_numerics, resolve_numerics, training_precision
+from v4lab.chips.numerics import (
+    apply_numerics,
+    build_numerics,
+    kv_dtype,
+    kv_dtype_key,
+    resolve_numerics,
+    training_precision,
+    with_kv_dtype,
+)
 from v4lab.chips.presets import SCALE_PRESETS, load_model_preset, model_config_from_dict, with_switches
 from v4lab.chips.profile import (
     CONFIDENCES,
@@ -32,7 +40,8 @@ from v4lab.chips.projection import chip_metrics, project
 __all__ = [
     "CONFIDENCES", "SCALE_PRESETS", "ChipConfig", "Figure", "ProjectionConfig", "SupportNote",
     "apply_numerics", "available_chips", "build_numerics", "chip_from_cfg", "chip_metrics",
-    "host_cache_path", "host_key", "load_chip", "load_model_preset", "matmul_flops",
+    "host_cache_path", "host_key", "kv_dtype", "kv_dtype_key", "load_chip", "load_model_preset",
+    "matmul_flops",
     "measure_host", "model_config_from_dict", "project", "resolve_numerics",
-    "training_precision", "with_switches",
+    "training_precision", "with_kv_dtype", "with_switches",
 ]

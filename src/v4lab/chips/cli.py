@@ -8,7 +8,7 @@ import math
 import sys
 from typing import Any
 
-from v4lab.chips.numerics import apply_numerics
+from v4lab.chips.numerics import apply_numerics, kv_dtype
 from v4lab.chips.presets import SCALE_PRESETS, load_model_preset, model_config_from_dict, with_switches
 from v4lab.chips.profile import ChipConfig, available_chips, chip_from_cfg
 from v4lab.chips.projection import project
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     console.print(figures_table(chip))
     console.print(projection_table(chip, run_cfg, scales))
-    console.print(f"numerics: matmul {matmul}, KV cache {run_cfg.attention.kv_cache.dtype}"
+    console.print(f"numerics: matmul {matmul}, KV cache {kv_dtype(run_cfg)}"
                   + "".join(f"\n  note: {n}" for n in notes), highlight=False)
     return 0
 

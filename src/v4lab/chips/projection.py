@@ -10,7 +10,6 @@ to every projection resting on them.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from v4lab.accounting import (
     prefill_flops_per_token,
     train_flops_per_token,
 )
-from v4lab.chips.numerics import resolve_numerics
+from v4lab.chips.numerics import kv_dtype, resolve_numerics, with_kv_dtype
 from v4lab.chips.presets import with_switches
 from v4lab.chips.profile import ChipConfig, ProjectionConfig
 
@@ -175,7 +174,7 @@ def chip_metrics(chip: ChipConfig, model_cfg: Any, presets: dict[str, Any] | Non
     matmul, kv, notes = resolve_numerics(chip, model_cfg)
     out: dict[str, float | str] = {
         "chip/name": chip.name, "chip/vendor": chip.vendor, "chip/matmul_dtype": matmul,
-        "chip/kv_dtype_requested": model_cfg.attention.kv_cache.dtype,
+        "chip/kv_dtype_requested": kv_dtype(model_cfg),
         "chip/kv_dtype_effective": kv, "chip/on_unsupported": chip.on_unsupported,
         "chip/peak_tflops": chip.peak_flops() / 1e12,
         "chip/hbm_tbps": float(chip.hbm_tbps.value),  # type: ignore[union-attr,arg-type]
@@ -184,8 +183,7 @@ def chip_metrics(chip: ChipConfig, model_cfg: Any, presets: dict[str, Any] | Non
         "chip/assumed_train_mfu": chip.projection.train_mfu,
         "chip/notes": " | ".join(notes),
     }
-    run = copy.deepcopy(model_cfg)
-    run.attention.kv_cache.dtype = kv
+    run = with_kv_dtype(model_cfg, kv)
     targets = {"": run}
     for name, preset in (presets or {}).items():
         targets[f"{name}/"] = with_switches(preset, run)
