@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from v4lab.chips import ChipConfig
-from v4lab.data.config import DataConfig, EvalConfig
+from v4lab.data.config import DataConfig, EvalConfig, ProbeConfig
 from v4lab.errors import ConfigError, require, require_choice, require_positive
 from v4lab.io import CONF_DIR
 from v4lab.model import ModelConfig
@@ -171,6 +171,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     chip: ChipConfig = field(default_factory=ChipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> RunConfig:
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
@@ -185,6 +186,9 @@ class RunConfig:
         self.trainer.validate("trainer")
         self.logger.validate("logger")
         self.chip.validate("chip", allow_unmeasured=True)  # measures nothing (chips.build_numerics)
+        self.probe.validate("probe")
+        if self.probe.enabled:  # the probe sets the vocabulary and lengths (v4lab.probe_run)
+            return self
         self.eval.validate("eval", self.model.max_seq_len)
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")

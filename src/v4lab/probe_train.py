@@ -24,6 +24,7 @@ from torch import nn
 
 from v4lab.data.probes import IGNORE
 from v4lab.errors import require, require_positive
+from v4lab.modules.context import ForwardContext
 from v4lab.stats import clopper_pearson
 
 TRAIN_STREAM, EVAL_STREAM = 0x7121, 0xE7A1  # independent data streams of one seed
@@ -91,20 +92,27 @@ def _tensors(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(batch.ids), torch.from_numpy(batch.targets)
 
 
-def evaluate_probe(model: nn.Module, probe, seed: int, n_sequences: int, batch: int = 256,
-                   decode: bool = False) -> tuple[int, int]:
-    """(correct, total) answers on ``n_sequences`` held-out sequences of ``probe``
-    (the same sequences for a given seed, whichever model; see :func:`answer_hits`)."""
+def probe_hits(model: nn.Module, probe, seed: int, n_sequences: int, batch: int = 256,
+               decode: bool = False) -> torch.Tensor:
+    """Per-answer correctness on ``n_sequences`` held-out sequences of ``probe``: the same
+    sequences, in the same order, for a given seed whichever the model (so two models'
+    hits pair up answer by answer; see :func:`answer_hits`)."""
     rng = np.random.default_rng([seed, EVAL_STREAM])
     was_training = model.training
     model.eval()
-    correct = total = 0
+    hits = []
     for start in range(0, n_sequences, batch):
         ids, targets = _tensors(probe.sample(rng, min(batch, n_sequences - start)))
-        hits = answer_hits(model, ids, targets, decode)
-        correct, total = correct + int(hits.sum()), total + hits.numel()
+        hits.append(answer_hits(model, ids, targets, decode))
     model.train(was_training)
-    return correct, total
+    return torch.cat(hits)
+
+
+def evaluate_probe(model: nn.Module, probe, seed: int, n_sequences: int, batch: int = 256,
+                   decode: bool = False) -> tuple[int, int]:
+    """(correct, total) answers of :func:`probe_hits`."""
+    hits = probe_hits(model, probe, seed, n_sequences, batch, decode)
+    return int(hits.sum()), hits.numel()
 
 
 def train_probe(model: nn.Module, probe, steps: int = 300, batch: int = 64, lr: float = 3e-3,
@@ -138,9 +146,13 @@ def train_probe(model: nn.Module, probe, steps: int = 300, batch: int = 64, lr: 
         for g in opt.param_groups:
             g["lr"] = lr * scale * g.get("lr_multiplier", 1.0)
         ids, targets = _tensors(probe.sample(rng, batch))
-        loss = answer_loss(model(ids), targets)
+        # A training forward (step set): sparse attention's indexer warm-up and loss, MoE's
+        # balance losses and load count, as in the corpus runs (lit.LitLM).
+        ctx = ForwardContext(positions=torch.arange(ids.shape[1]), step=step - 1, phase="train")
+        loss = answer_loss(model(ids, ctx), targets)
+        total = loss + sum(ctx.aux_losses.values(), torch.zeros(()))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()

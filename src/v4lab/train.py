@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from v4lab import build, chips, distributed, tracking
+from v4lab import build, chips, distributed, probe_run, tracking
 from v4lab.callbacks import AtomicCheckpointIO, CurveLog, PieceTail, PlainProgress, Throughput, TrainRecord
 from v4lab.config import RunConfig, load_run_config
 from v4lab.data.datamodule import CorpusDataModule
@@ -102,6 +102,9 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                       "nothing to do (reevaluate=true evaluates it again from its final checkpoint)",
                       flush=True)
             return metrics
+        if finished and run_cfg.probe.enabled:
+            raise RunError(f"{run_dir}: a probe run is not evaluated again (reevaluate=true): delete "
+                           f"{run_dir / 'metrics.json'} to run it again")
         if finished and step is None:
             raise RunError(f"{run_dir / 'checkpoints' / 'last.ckpt'} is missing: a finished run is "
                            "evaluated again from its final checkpoint; without it, delete "
@@ -114,6 +117,8 @@ def train(cfg: DictConfig | RunConfig, run_dir: str | Path,
                 on_start(run_dir)
             # also what the extra local DDP processes start from
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+        if run_cfg.probe.enabled:  # a synthetic task instead of the corpus (one process)
+            return probe_run.run(run_cfg, numerics.model, threads, run_dir, config_dict)
         return _run(run_cfg, numerics, threads, run_dir, config_dict, extra_callbacks, rank_zero)
 
 

@@ -1,5 +1,6 @@
 """Configuration of the data a run reads: the corpus (:class:`DataConfig`) and the
-long-context task suite mixed into training and evaluated at the end (:class:`EvalConfig`).
+long-context task suite mixed into training and evaluated at the end (:class:`EvalConfig`),
+and a probe run's synthetic task (:class:`ProbeConfig`).
 
 Below the run layer: ``data.prepare`` and ``evaluate`` import these, ``config.RunConfig``
 composes them.
@@ -8,7 +9,9 @@ composes them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from v4lab.data.probes import PROBES
 from v4lab.data.tasks import TASKS, check_task
 from v4lab.errors import require, require_positive
 
@@ -107,3 +110,65 @@ class EvalConfig:
     @property
     def mixed_tasks(self) -> list[str]:
         return list(self.train_tasks or self.tasks)
+
+
+@dataclass
+class ProbeConfig:
+    """A probe run (``probe=<name>``, conf/probe/): instead of the corpus, the model learns a
+    synthetic task of :mod:`v4lab.data.probes` on which one piece matters a lot
+    (:mod:`v4lab.probe_run`). ``none``: a corpus run.
+
+    task: the probe's own fields (``seq_len``, ``n_pairs``, ...; the probe class's defaults
+      otherwise); the model's vocabulary becomes the probe's.
+    steps, batch, lr, warmup, weight_decay: the probe's AdamW loop (answer loss only).
+    eval_every: held-out accuracy every so many steps (the learning curve; 0 = at the end).
+    eval_sequences: held-out sequences per evaluated length (answers = sequences x queries).
+    lengths: multiples of task.seq_len evaluated at the end, token by token through the
+      decode caches (1 = the trained length; more = longer contexts, same number of answers).
+    caches: KV-cache dtypes evaluated on the same weights at the trained length (a paired
+      comparison with the run's own cache); empty = none.
+    """
+
+    name: str = "none"
+    task: dict[str, Any] = field(default_factory=dict)
+    steps: int = 600
+    batch: int = 64
+    lr: float = 3e-3
+    warmup: int = 0
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_sequences: int = 128
+    lengths: list[int] = field(default_factory=lambda: [1])
+    caches: list[str] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+    def make(self, length: int = 1):
+        """The probe at ``length`` x its trained sequence length (ConfigError on bad fields)."""
+        cls = PROBES[self.name]
+        task = dict(self.task)
+        seq_len = task.pop("seq_len", cls.seq_len)
+        unknown = sorted(set(task) - set(cls.__dataclass_fields__))
+        require(not unknown, "probe.task", self.task,
+                f"fields of {self.name}: {', '.join(sorted(cls.__dataclass_fields__))}")
+        return cls(seq_len=seq_len * length, **task)
+
+    def validate(self, path: str = "probe") -> ProbeConfig:
+        require(self.name == "none" or self.name in PROBES, f"{path}.name", self.name,
+                f"none or one of: {', '.join(PROBES)}")
+        for key in ("steps", "batch", "eval_sequences"):
+            require_positive(f"{path}.{key}", getattr(self, key))
+        require(self.lr > 0, f"{path}.lr", self.lr, "> 0")
+        require(isinstance(self.warmup, int) and 0 <= self.warmup <= self.steps, f"{path}.warmup",
+                self.warmup, f"0..steps={self.steps}")
+        require(self.eval_every >= 0, f"{path}.eval_every", self.eval_every, ">= 0")
+        require(bool(self.lengths) and all(isinstance(n, int) and n >= 1 for n in self.lengths)
+                and self.lengths[0] == 1 and len(set(self.lengths)) == len(self.lengths),
+                f"{path}.lengths", self.lengths,
+                "distinct integers >= 1 starting with 1 (the trained length)")
+        if self.enabled:
+            for n in self.lengths:
+                self.make(n)  # the probe validates its own fields at every length
+        return self
