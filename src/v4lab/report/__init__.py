@@ -9,14 +9,17 @@ For a study ``S`` (``experiments/S.yaml``, see :mod:`v4lab.studies`)::
     python -m v4lab.report dvc-yaml --check   # exit 1 if the committed dvc.yaml is stale
 
 Each table row is one experiment: per metric the mean over seeds +- the half-width of a
-95% Student-t confidence interval, the difference to the baseline row and the p-value of
-Welch's t-test (significant: p < 0.05). A study with a missing run, a corrupt
+95% Student-t confidence interval (pooled accuracies: Clopper-Pearson), the difference to
+the reference row (the manifest's ``baseline``) with its interval, the p-value of a t-test
+with the variance pooled over the study's rows, Holm-corrected over the rows, and the
+minimum detectable effect at 80% power; an optional TOST per metric (``equivalence``).
+The report opens with findings generated from these numbers. A study with a missing run, a corrupt
 ``metrics.json`` (unreadable, misplaced, or NaN where a good run writes a number) or a
 metric column no run produces is refused before anything is written; outputs are staged
 and published as one change (:mod:`.swap`), so a killed build never leaves a table that
 links a missing figure, and the next build finishes or removes what it left.
 
-One module per job, read bottom to top: :mod:`.stats`, :mod:`.runs` (the runs, or a
+One module per job, read bottom to top: :mod:`v4lab.stats`, :mod:`.runs` (the runs, or a
 refusal), :mod:`.table`, :mod:`.figures` (one function per figure), :mod:`.check` (against
 the committed table), :mod:`.dashboards` (W&B), :mod:`.swap` (publishing as one change),
 :mod:`.publish` (files and index), ``__main__`` (the CLI).

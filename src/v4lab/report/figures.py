@@ -104,6 +104,12 @@ def learning_curves(c: Canvas) -> Made:
                   + " and validation bits per byte against the training step, one line per experiment")
 
 
+def _spread(records: list[dict], k: str) -> float:
+    """Relative range (max - min) / max of metric ``k`` over the runs (0 when all equal)."""
+    values = [abs(float(m[k])) for m in records]
+    return (max(values) - min(values)) / max(values) if max(values) > 0 else 0.0
+
+
 def cost_vs_quality(c: Canvas) -> Made:
     """val/bpb (or test/bpb) against each cost figure, one point per experiment."""
     import matplotlib.pyplot as plt
@@ -111,8 +117,11 @@ def cost_vs_quality(c: Canvas) -> Made:
 
     records = c.records
     quality = next((q for q in ("val/bpb", "test/bpb") if all(q in m for m in records)), None)
-    costs = [k for k in ("cost/params_active", "cost/kv_bytes_per_token", "cost/train_flops_per_token")
-             if all(is_number(m.get(k)) for m in records)]
+    # An axis on which every experiment sits at (almost) the same cost says nothing: skip it
+    # (the experts study holds active parameters fixed; its swept variable is the total).
+    costs = [k for k in ("cost/params_total", "cost/params_active", "cost/kv_bytes_per_token",
+                         "cost/train_flops_per_token")
+             if all(is_number(m.get(k)) for m in records) and _spread(records, k) > 0.02]
     if not (quality and costs):
         return None
     d = pl.DataFrame([{"experiment": m["experiment"], "seed": m["seed"], quality: m[quality],
