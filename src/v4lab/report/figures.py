@@ -81,7 +81,7 @@ def learning_curves(c: Canvas) -> Made:
     if data is None:
         return None
     study, order = c.study, c.study.rows()
-    cols = [col for col in ("train/loss", "train/answer_loss", "val/bpb")
+    cols = [col for col in ("train/loss", "train/answer_loss", "val/bpb", "probe/acc")
             if col in data.columns and data[col].is_not_null().any()]
     fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
     for ax, col in zip(axes[0], cols):
@@ -93,6 +93,9 @@ def learning_curves(c: Canvas) -> Made:
         ax.set(xlabel="training step", ylabel=registry.label(col), title=col)
         if col == "train/answer_loss":  # a uniform guess over the 10 digits
             ax.axhline(math.log(10), color="grey", ls="--", lw=1, label="chance (ln 10)")
+        if col == "probe/acc":
+            _guess_lines(ax, c.records)
+            ax.set(ylabel="held-out accuracy", ylim=(-0.02, 1.02))
     leg = axes[0][-1].get_legend()
     if leg is not None:
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="experiment")
@@ -101,7 +104,9 @@ def learning_curves(c: Canvas) -> Made:
     return c.save(fig, "learning_curves.png", "Learning curves: training loss"
                   + (", loss on task answer tokens (dashed: chance, ln 10 per digit)"
                      if "train/answer_loss" in cols else "")
-                  + " and validation bits per byte against the training step, one line per experiment")
+                  + (" and held-out probe accuracy (dashed: chance; dotted: without the lookup)"
+                     if "probe/acc" in cols else " and validation bits per byte")
+                  + " against the training step, one line per experiment")
 
 
 def _spread(records: list[dict], k: str) -> float:
@@ -180,6 +185,46 @@ def accuracy_vs_context(c: Canvas) -> Made:
     return c.save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length")
 
 
+def _guess_lines(ax, records: list[dict[str, Any]]) -> None:
+    """A probe's chance (uniform guess) and baseline (no lookup) as horizontal lines."""
+    for k, ls, what in (("probe/chance", "--", "chance"), ("probe/baseline", ":", "without the lookup")):
+        if records and is_number(records[0].get(k)):
+            ax.axhline(float(records[0][k]), color="grey", ls=ls, lw=1, label=what)
+
+
+def probe_accuracy_vs_context(c: Canvas) -> Made:
+    """Probe accuracy at each evaluated length (decode path), one line per experiment;
+    lines that coincide stay apart by marker, line style and a small sideways offset."""
+    import matplotlib.pyplot as plt
+
+    records = c.records
+    keys = sorted({k for m in records for k in m if k.startswith("probe/acc@")},
+                  key=lambda k: int(k.rsplit("@", 1)[1]))
+    if len(keys) < 2:
+        return None
+    order, styles = c.study.rows(), ["o-", "s--", "^-.", "D:", "v-", "P--", "X-."]
+    fig, ax = plt.subplots(figsize=(6.6, 4.0))
+    for i, row in enumerate(order):
+        ms = [m for m in records if m["experiment"] == row]
+        xs = [int(k.rsplit("@", 1)[1]) * 2 ** (0.04 * (i - (len(order) - 1) / 2)) for k in keys]
+        cis = [mean_ci([float(m[k]) for m in ms]) for k in keys]
+        yerr = [0 if math.isnan(ci.half_width) else ci.half_width for ci in cis]
+        ax.errorbar(xs, [ci.mean for ci in cis], yerr=yerr, fmt=styles[i % len(styles)], capsize=3,
+                    color=c.palette[row], label=row, markersize=5)
+    trained = int(keys[0].rsplit("@", 1)[1])
+    ax.axvline(trained, color="grey", ls="-", lw=0.8, alpha=0.5, label="trained length")
+    _guess_lines(ax, records)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(k.rsplit("@", 1)[1]) for k in keys], [k.rsplit("@", 1)[1] for k in keys])
+    ax.set(xlabel="sequence length (tokens, decoded token by token)", ylabel="held-out accuracy",
+           ylim=(-0.02, 1.02), title=f"{c.study.name}: probe accuracy vs length")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return c.save(fig, "probe_accuracy_vs_length.png", "Probe accuracy against sequence length, "
+                  "trained at the first length (mean over seeds, 95% Student-t bars; points "
+                  "offset sideways so that coinciding lines stay visible)")
+
+
 def chip_projections(c: Canvas) -> Made:
     """Projected V3-671B throughput per chip profile (when the study compares chips)."""
     import matplotlib.pyplot as plt
@@ -212,7 +257,8 @@ def chip_projections(c: Canvas) -> Made:
                   "device for each chip profile (roofline model, src/v4lab/chips.py)")
 
 
-FIGURES = (learning_curves, cost_vs_quality, accuracy_vs_context, chip_projections)
+FIGURES = (learning_curves, cost_vs_quality, accuracy_vs_context, probe_accuracy_vs_context,
+           chip_projections)
 
 
 def draw(study: Study, runs: Runs, out: Path) -> list[tuple[str, str]]:
