@@ -50,5 +50,6 @@ def test_a_probe_study_is_published_with_pooled_intervals_and_its_figures(tmp_pa
     table = {r["experiment"]: r for r in pl.read_csv(tmp_path / "reports" / "pr.csv").iter_rows(named=True)}
     correct = sum(round((0.3 - 0.01 * s - 0.032) * 1000) for s in range(3))
     lo, hi = proportion_confint(correct, 3000, method="beta")
-    assert abs(table["mha"]["probe/acc@32 lo"] - lo) < 1e-9 and abs(table["mha"]["probe/acc@32 hi"] - hi) < 1e-9
+    mha = table["mha"]
+    assert abs(mha["probe/acc@32 lo"] - lo) < 1e-9 and abs(mha["probe/acc@32 hi"] - hi) < 1e-9
     assert table["mha"]["probe/acc@32 significant"]
