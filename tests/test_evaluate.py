@@ -200,29 +200,3 @@ def test_end_of_run_eval_and_checkpoint_cli_agree(tmp_path, smoke_overrides):
             assert alone[key] == value, key
     assert main([f"ckpt={run_dir}", "tasks=[nope]"]) == 1
     assert main([f"ckpt={run_dir}", "contexts=[4096]"]) == 1
-
-
-def test_long_context_experiment_set_and_manifest():
-    import yaml
-
-    from conftest import ROOT
-
-    study = yaml.safe_load((ROOT / "experiments" / "long_context.yaml").read_text())
-    seen = {}
-    for name in study["experiments"]:
-        text = (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()
-        assert text.startswith("# @package _global_\n")
-        cfg = load_run_config(compose([f"+experiment={name}", *study["overrides"]]))
-        assert cfg.experiment == name and cfg.eval.allow_extrapolation
-        assert max(cfg.eval.contexts) > cfg.trainer.seq_len  # extrapolation is measured
-        # every task column of the table is a task the grid evaluates
-        for col in study["metrics"]:
-            if col.startswith("task/"):
-                assert col.split("/")[1].split("@")[0] in cfg.eval.tasks, col
-        a = cfg.model.attention
-        seen[name] = (a.sparse.enabled, a.sparse.topk, a.vvpa, a.kv_cache.dtype, cfg.model.engram.enabled)
-    full = seen["full"]
-    assert full == (True, 64, True, "fp8", True) and study["baseline"] == "full"
-    for name, what in {"no_sparse_mla": 0, "topk_256": 1, "no_vvpa": 2, "bf16_kv": 3,
-                       "no_engram": 4}.items():  # each changes exactly one switch
-        assert [i for i in range(5) if seen[name][i] != full[i]] == [what], name

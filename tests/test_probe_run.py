@@ -91,3 +91,34 @@ def test_probe_model_takes_the_probes_vocabulary_and_longest_length():
 def test_bad_probe_keys_are_named(change, match):
     with pytest.raises(ConfigError, match=match):
         ProbeConfig(**{"name": "assoc_recall", **change}).validate()
+
+
+def _study_configs(name: str) -> dict:
+    from conftest import ROOT
+    import yaml
+
+    study = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
+    return study, {e: load_run_config(compose([f"+experiment={e}", *study["overrides"]]))
+                   for e in study["experiments"]}
+
+
+def test_recall_study_rows_differ_from_dense_mla_in_attention_only():
+    study, cfgs = _study_configs("recall")
+    ref = cfgs[study["baseline"]]
+    assert ref.model.attention.kind == "mla" and not ref.model.attention.sparse.enabled
+    for name, cfg in cfgs.items():
+        assert cfg.probe == ref.probe and cfg.model.moe == ref.model.moe, name
+        assert cfg.model.engram == ref.model.engram and cfg.model.init_std == 0.1, name
+    assert cfgs["mha"].model.attention.kind == "mha" and cfgs["v4_attention"].model.attention.kind == "v4"
+    pairs = ref.probe.task["n_pairs"]  # top-k below and above the pairs a sequence holds
+    assert cfgs["topk_2"].model.attention.sparse.topk < pairs < cfgs["topk_8"].model.attention.sparse.topk
+    for col in study["metrics"]:  # every length column is one the runs evaluate
+        if col.startswith("probe/acc@"):
+            assert int(col.split("@")[1]) // ref.probe.task["seq_len"] in ref.probe.lengths, col
+
+
+def test_vvpa_study_changes_only_vvpa():
+    study, cfgs = _study_configs("vvpa")
+    a, b = cfgs["no_sparse_mla"], cfgs["no_vvpa"]
+    assert a.model.attention.vvpa and not b.model.attention.vvpa
+    assert a.model.attention.sparse == b.model.attention.sparse and a.probe == b.probe
