@@ -94,8 +94,9 @@ def test_bad_probe_keys_are_named(change, match):
 
 
 def _study_configs(name: str) -> dict:
-    from conftest import ROOT
     import yaml
+
+    from conftest import ROOT
 
     study = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
     return study, {e: load_run_config(compose([f"+experiment={e}", *study["overrides"]]))
