@@ -204,3 +204,28 @@ def test_figure_bands_are_student_t_intervals():
     x = [3.0, 3.1, 3.25]
     assert t_band(x) == pytest.approx(sps.t.interval(0.95, 2, loc=np.mean(x), scale=sps.sem(x)), rel=1e-12)
     assert t_band([2.0]) == (2.0, 2.0)  # one seed: no band
+
+
+def test_a_row_without_the_piece_shows_a_dash_and_is_left_out_of_the_tests():
+    """`moe/load` exists only where there are experts: rows lacking it in every seed show
+    "—"; the other rows are compared as if the row were not in the study (pooled SD and
+    Holm over the rows that have it, checked against OLS on those rows)."""
+    runs = _runs()
+    load = {"full": [1.2, 1.3, 1.25], "no_a": [1.6, 1.7, 1.65], "no_c": [1.2, 1.28, 1.3]}
+    for e, vs in load.items():
+        for s in range(3):
+            runs[f"{e}-s{s}"][1]["moe/load"] = vs[s]
+    study = Study("mini", list(BPB), [0, 1, 2], "full", ["val/bpb", "moe/load"])
+    table = {r["experiment"]: r for r in summarize(study, runs).iter_rows(named=True)}
+    assert table["no_b"]["moe/load absent"] and not table["full"].get("moe/load absent")
+    res = _ols(load)
+    p = multipletests([res.pvalues[_coef(res, a)] for a in ("no_a", "no_c")], method="holm")[1]
+    assert table["no_a"]["moe/load p_holm"] == pytest.approx(p[0], rel=1e-6)
+    assert table["no_c"]["moe/load p_holm"] == pytest.approx(p[1], rel=1e-6)
+    md = markdown_table(study, summarize(study, runs))
+    assert "| no_b | 3 | 3.0133 ± " in md and md.splitlines()[4].endswith("| — | — | — |")
+    assert not any("no_b`: moe/load" in f for f in findings(study, summarize(study, runs)))
+    runs["no_b-s1"][1]["moe/load"] = 1.0  # one seed of a row with it: a broken run, refused
+    from v4lab.report.runs import ReportError
+    with pytest.raises(ReportError, match="moe/load.*rows no_b have it in other seeds"):
+        summarize(study, runs)

@@ -61,18 +61,25 @@ def check_finite(study: Study, runs: Runs) -> None:
 
 
 def check_metrics(study: Study, runs: Runs) -> None:
-    """Every metric column is produced by every run (numbers, or one string per experiment),
-    and no metric a good run writes as a finite number is NaN or infinite."""
+    """Every metric column is produced by every run of a row or by none of them (a model
+    without the piece), by some run of the study, as numbers or one string per experiment;
+    no metric a good run writes as a finite number is NaN or infinite."""
     for metric in study.metrics:
         lacking = [str(folder / "metrics.json") for folder, m in runs.values() if metric not in m]
         if len(lacking) == len(runs):
             sample = next(iter(runs.values()))[1]
             raise ReportError(f"experiments/{study.name}.yaml: metrics contains {metric!r}, which no "
                               f"run produces; available: {', '.join(sorted(sample))}")
-        if lacking:
+        by_row: dict[str, set[bool]] = {}
+        for r in study.runs():  # a row's runs all have the metric, or none does (no such piece)
+            by_row.setdefault(r.row, set()).add(metric in runs[r.name][1])
+        partial = [row for row, has in by_row.items() if len(has) > 1]
+        if partial:
             raise ReportError(f"experiments/{study.name}.yaml: metric {metric!r} is missing from "
-                              f"{', '.join(lacking)}")
+                              f"{', '.join(lacking)} (rows {', '.join(partial)} have it in other seeds)")
         for folder, m in runs.values():
+            if metric not in m:
+                continue
             v = m[metric]
             if not (is_number(v) or isinstance(v, str)):
                 raise ReportError(f"{folder / 'metrics.json'}: {metric}={v!r} is neither a number "

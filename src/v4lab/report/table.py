@@ -48,7 +48,8 @@ def answers_key(metric: str) -> str | None:
 def summarize(study: Study, runs: Runs) -> pl.DataFrame:
     """One row per experiment and sweep value (manifest order; the label in column
     ``experiment``: :meth:`Study.rows`): n, and per numeric metric ``<m> mean``, ``<m> ci95``
-    (half-width of the seed-level Student-t interval), ``<m> lo``/``<m> hi`` (the interval
+    (half-width of the seed-level Student-t interval; ``<m> absent`` on a row whose runs
+    do not record the metric, e.g. MoE figures of a dense model), ``<m> lo``/``<m> hi`` (the interval
     shown: Student t, or Clopper-Pearson on pooled counts where ``<m> answers`` is given),
     ``<m> delta`` with ``<m> delta_lo``/``<m> delta_hi``, ``<m> p`` (pooled t-test vs the
     reference), ``<m> p_holm``, ``<m> significant`` (p_holm < 0.05), ``<m> mde``,
@@ -59,15 +60,17 @@ def summarize(study: Study, runs: Runs) -> pl.DataFrame:
     records = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.rows()}
     rows: dict[str, dict[str, Any]] = {e: {"experiment": e, "n": len(ms)} for e, ms in records.items()}
     for metric in study.metrics:
-        values = {e: [m[metric] for m in ms] for e, ms in records.items()}
+        # a row whose model lacks the piece (dense_ffn has no moe/*) has no such column
+        present = {e: ms for e, ms in records.items() if metric in ms[0]}
+        values = {e: [m[metric] for m in ms] for e, ms in present.items()}
         if not all(is_number(v) for vs in values.values() for v in vs):
-            for e, vs in values.items():
-                rows[e][metric] = " / ".join(sorted({str(v) for v in vs}))
+            for e in rows:
+                rows[e][metric] = " / ".join(sorted({str(v) for v in values[e]})) if e in values else "—"
             continue
         groups = {e: [float(v) for v in vs] for e, vs in values.items()}
-        cells = _metric_cells(study, metric, groups, records)
+        cells = _metric_cells(study, metric, groups, present)
         for e in rows:
-            rows[e].update({f"{metric} {k}": v for k, v in cells[e].items()})
+            rows[e].update({f"{metric} {k}": v for k, v in cells.get(e, {"absent": True}).items()})
     return pl.DataFrame(list(rows.values()), infer_schema_length=None)
 
 
@@ -111,7 +114,7 @@ def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
                   records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Every row's cells of one numeric metric (keys without the metric's name)."""
     ref = study.baseline
-    comps, s, df = _comparisons(ref, groups)
+    comps, s, df = _comparisons(ref, groups) if ref in groups else ({}, math.nan, 0)
     tested = [e for e, c in comps.items() if c.se > 0]
     adjusted = dict(zip(tested, holm([comps[e].p for e in tested]))) if tested else {}
     margin = study.equivalence.get(metric)
@@ -122,7 +125,8 @@ def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
         exact = c is not None and c.se == 0
         p = c.p if c else math.nan
         p_holm = float(adjusted.get(e, p))  # exact comparisons are not tests: not corrected
-        cell |= {"delta": c.delta if c else float(np.mean(vs) - np.mean(groups[ref])),
+        cell |= {"delta": c.delta if c else float(np.mean(vs) - np.mean(groups[ref]))
+                 if ref in groups else math.nan,
                  "delta_lo": c.lo if c else math.nan, "delta_hi": c.hi if c else math.nan,
                  "p": p, "p_holm": p_holm,
                  "significant": None if math.isnan(p_holm) else bool(p_holm < ALPHA),
@@ -195,9 +199,13 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
             if metric in table.columns:
                 cells.append(str(row[metric]))
                 continue
-            cells += [_mean_cell(row, metric), "—" if is_ref else _delta_cell(row, metric)]
+            if row.get(f"{metric} absent"):  # the row's model has no such piece
+                cells += ["—", "—"] + ["—"] * _has_mde(table, metric)
+                continue
+            no_test = is_ref or math.isnan(row[f"{metric} delta"])
+            cells += [_mean_cell(row, metric), "—" if no_test else _delta_cell(row, metric)]
             if _has_mde(table, metric):
-                cells.append("—" if is_ref else fmt(row[f"{metric} mde"]))
+                cells.append("—" if no_test else fmt(row[f"{metric} mde"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -226,7 +234,7 @@ def method_text(study: Study, table: pl.DataFrame) -> str:
 def _finding(study: Study, row: dict[str, Any], metric: str) -> str | None:
     e, margin = row["experiment"], study.equivalence.get(metric)
     delta, p = row[f"{metric} delta"], row[f"{metric} p_holm"]
-    if row[f"{metric} exact"] or p is None or math.isnan(p):
+    if row.get(f"{metric} absent") or row[f"{metric} exact"] or p is None or math.isnan(p):
         return None
     if row[f"{metric} significant"]:
         return (f"`{e}`: {metric} Δ = {_signed(delta)} (95% CI {_signed(row[f'{metric} delta_lo'])} "
