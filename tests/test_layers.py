@@ -14,11 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # import-linter (a dev extra, like pytest itself), run by this interpreter: the
 # `lint-imports` found on PATH may be a shim (pyenv) or another environment's script.
-LINT = ["-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+LINT = ["-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())"]
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
-    assert importlib.util.find_spec("importlinter"), "import-linter missing: pip install -c constraints.txt -e '.[dev]'"
+    assert importlib.util.find_spec("importlinter"), \
+        "import-linter missing: pip install -c constraints.txt -e '.[dev]'"
     env = {**os.environ, "PYTHONPATH": str(root / "src")}  # this tree's v4lab, not the installed one
     return subprocess.run([sys.executable, *LINT, "--no-cache"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
