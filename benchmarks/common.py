@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from v4lab.accounting import forward_flops_per_token, train_flops_per_token
 from v4lab.chips.host import matmul_flops
 from v4lab.io import atomic_write_text
+from v4lab.modules.context import ForwardContext
 
 __all__ = ["forward_flops", "matmul_flops", "publish", "train_flops", "training_step"]
 
@@ -46,13 +48,23 @@ def publish(out: str | Path, lines: list[str]) -> None:
     print(text, end="")
 
 
-def training_step(lit: Any, opt: torch.optim.Optimizer, batch: torch.Tensor):
-    """A closure running one training step of ``lit`` (a LitLM) on ``batch`` [B, T + 1]."""
-    def step() -> None:
-        loss_sum, counts, ctx = lit._forward(batch)
-        loss = loss_sum / counts[0] + sum(ctx.aux_losses.values(), torch.zeros(()))
+def training_step(lit: Any, opt: torch.optim.Optimizer, batch: torch.Tensor,
+                  step: int = 10**9):
+    """A closure running one training step of ``lit`` (a LitLM) on ``batch`` [B, T + 1].
+
+    The forward runs in the ``train`` phase at global step ``step`` (default: past every
+    warm-up, so sparse attention selects top-k as in most of a run), as a Lightning
+    training step does: auxiliary losses and the pieces' statistics are computed."""
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def run() -> None:
+        ctx = ForwardContext(positions=torch.arange(x.shape[1]), input_ids=x, step=step,
+                             phase="train")
+        logits = lit.model(x, ctx)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = loss + sum(ctx.aux_losses.values(), torch.zeros(()))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return run

@@ -1,0 +1,179 @@
+"""What each piece of the full model costs in a training step, and where the time goes.
+
+    PYTHONPATH=src python benchmarks/piece_cost.py [--seconds 60] [--publish] [overrides...]
+
+Issue 17 asks why the full model (sparse MLA + VVPA + FP8 KV + MoE + Engram) runs at a
+lower model FLOP utilisation than the baseline. Two views, both at one thread, at the
+``cpu`` profile's batch (8 x 256) unless overridden:
+
+1. **Leave one out.** The full model and each one-piece-off experiment (``no_sparse_mla``,
+   ``bf16_kv``, ``dense_ffn``, ``no_engram``, ``no_vvpa``, and ``baseline``) take training
+   steps in turns (forward, LM + auxiliary losses, backward, AdamW:
+   ``common.training_step``), round after round, so machine load hits all alike; medians
+   over rounds. A piece's cost is ``full - (full without it)`` in ms and in % of the full
+   step; its FLOP share comes from ``v4lab.accounting`` (the project's one FLOP model), so
+   the table shows which pieces cost more time than their FLOPs: ``excess ms`` = the
+   piece's ms minus its FLOPs at the model's own achieved rate.
+2. **By operator.** ``torch.profiler`` over a few full-model steps, self time per aten
+   operator, grouped by what it is (matrix products, attention kernels, selection and
+   masks, softmax, elementwise, copies, optimizer).
+
+A matmul burst (``common.matmul_flops``, square fp32 GEMMs) runs once per round beside the
+steps; MFU = model FLOPs per step / step time / that rate.
+``--publish`` writes benchmarks/results/piece_cost.md; nothing is written without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import common
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from v4lab.config import load_run_config
+from v4lab.io import compose, git_rev
+from v4lab.lit import LitLM
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # experiment -> the piece it removes from `full`
+    "full": "",
+    "no_sparse_mla": "sparse MLA indexer, top-k and its KL",
+    "bf16_kv": "FP8 KV cache fake quantisation (bf16 rounding instead)",
+    "dense_ffn": "DeepSeekMoE (dense SwiGLU instead)",
+    "no_engram": "Engram",
+    "no_vvpa": "VVPA (position in values)",
+    "baseline": "all of them (plain MHA decoder)",
+}
+GROUPS = [  # (group, aten op name fragments): first match wins
+    ("matrix products", ("aten::mm", "aten::bmm", "aten::addmm", "aten::linear", "aten::matmul")),
+    ("attention kernels", ("scaled_dot_product",)),
+    ("selection and masks", ("topk", "masked_fill", "cumsum", "aten::eq", "aten::gt", "aten::le",
+                             "aten::lt", "aten::ge", "aten::where", "bitwise", "logical", "nonzero",
+                             "aten::sort", "aten::index", "scatter", "gather", "aten::fill_",
+                             "aten::zero_")),
+    ("softmax / log-softmax / KL", ("softmax", "xlogy")),
+    ("copies and layout", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous",
+                           "_to_copy", "aten::stack", "aten::pad", "constant_pad")),
+    ("optimizer", ("lerp", "addcdiv", "addcmul", "_foreach", "aten::sqrt")),
+]
+
+
+def build(experiment: str, overrides: list[str]):
+    cfg = load_run_config(compose([f"+experiment={experiment}", *overrides]))
+    t = cfg.trainer
+    torch.manual_seed(0)
+    lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))
+    opt = torch.optim.AdamW(lit.parameters(), lr=1e-4)
+    batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
+    flops = t.batch_size * t.seq_len * common.train_flops(cfg.model, t.seq_len)
+    return common.training_step(lit, opt, batch), flops, t
+
+
+def group_of(name: str) -> str:
+    for group, frags in GROUPS:
+        if any(f in name for f in frags):
+            return group
+    return "elementwise and other"
+
+
+def by_operator(step, n: int = 3) -> dict[str, float]:
+    """Self CPU ms per step, per operator group, over ``n`` profiled steps."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    ms: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key.startswith("aten::") or "scaled_dot" in e.key:
+            ms[group_of(e.key)] += e.self_cpu_time_total / 1e3 / n
+    return dict(ms)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=60.0, help="time budget of the rounds")
+    ap.add_argument("--publish", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    load0 = os.getloadavg()[0]
+    models = {e: build(e, a.overrides) for e in VARIANTS}
+    for step, _, _ in models.values():
+        step(), step()  # warm-up
+    times: dict[str, list[float]] = defaultdict(list)
+    rates = []
+    t_end = time.perf_counter() + a.seconds
+    while time.perf_counter() < t_end or len(rates) < 3:
+        for e, (step, _, _) in models.items():
+            t0 = time.perf_counter()
+            step()
+            times[e].append(time.perf_counter() - t0)
+        rates.append(common.matmul_flops(torch.float32, budget_s=0.5))
+    ops = by_operator(models["full"][0])
+    load1 = os.getloadavg()[0]
+    a.load = (load0, load1)
+    report(a, models, {e: statistics.median(v) for e, v in times.items()},
+           statistics.median(rates), len(rates), ops)
+
+
+def report(a, models, ms_of, rate: float, rounds: int, ops: dict[str, float]) -> None:
+    t = models["full"][2]
+    full_s, full_flops = ms_of["full"], models["full"][1]
+    achieved = full_flops / full_s
+    lines = [
+        "# Training-step cost by piece: the full model, leave one out",
+        "",
+        f"Command: `PYTHONPATH=src python benchmarks/piece_cost.py --seconds {a.seconds:g}"
+        f"{' ' + ' '.join(a.overrides) if a.overrides else ''}` (code at git {git_rev()})",
+        "",
+        f"- torch {torch.__version__}, 1 thread, {torch.backends.cpu.get_cpu_capability()}; "
+        f"batch {t.batch_size} x {t.seq_len}; {rounds} rounds, every variant one step per round "
+        f"(medians); load average {a.load[0]:.2f} at the start, {a.load[1]:.2f} at the end",
+        f"- measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; full model: {full_s * 1e3:.1f} ms "
+        f"per step, {full_flops / 1e9:.2f} GFLOP (v4lab.accounting), "
+        f"MFU {achieved / rate:.1%} (acceptance: >= 35%)",
+        "",
+        "| variant | piece removed | ms / step | tokens/s | GFLOP / step | MFU | "
+        "piece ms (full - variant) | % of full step | piece GFLOP | excess ms beyond its FLOPs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e, piece in VARIANTS.items():
+        s, flops = ms_of[e], models[e][1]
+        row = f"| {e} | {piece or '—'} | {s * 1e3:.1f} | {t.batch_size * t.seq_len / s:,.0f} | " \
+              f"{flops / 1e9:.2f} | {flops / s / rate:.1%} | "
+        if e == "full":
+            row += "— | — | — | — |"
+        else:
+            d_s, d_f = full_s - s, full_flops - flops
+            row += f"{d_s * 1e3:+.1f} | {d_s / full_s:+.1%} | {d_f / 1e9:+.2f} | " \
+                   f"{(d_s - d_f / achieved) * 1e3:+.1f} |"
+        lines.append(row)
+    total = sum(ops.values())
+    lines += [
+        "",
+        "`excess ms` prices the piece's FLOPs at the full model's own achieved rate "
+        f"({achieved / 1e9:.1f} GFLOP/s): positive = the piece costs more time than its share of "
+        "the arithmetic (overhead that is not FLOPs).",
+        "",
+        f"## Where the full model's step goes, by operator (torch.profiler, self time, "
+        f"{total:.0f} ms per step profiled)",
+        "",
+        "| operator group | ms / step | % |",
+        "|---|---:|---:|",
+    ]
+    for g, v in sorted(ops.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {g} | {v:.1f} | {v / total:.1%} |")
+    text = lines
+    if a.publish:
+        common.publish(ROOT / "benchmarks" / "results" / "piece_cost.md", text)
+    else:
+        print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
