@@ -1,6 +1,7 @@
 """What each piece of the full model costs in a training step, and where the time goes.
 
-    PYTHONPATH=src python benchmarks/piece_cost.py [--seconds 60] [--publish] [overrides...]
+    PYTHONPATH=src python benchmarks/piece_cost.py [--seconds 60] [--publish NAME] [overrides...]
+    PYTHONPATH=src python benchmarks/piece_cost.py [overrides...] --variants no_sparse_mla v4_attention full
 
 Issue 17 asks why the full model (sparse MLA + VVPA + FP8 KV + MoE + Engram) runs at a
 lower model FLOP utilisation than the baseline. Two views, both at one thread, at the
@@ -18,9 +19,12 @@ lower model FLOP utilisation than the baseline. Two views, both at one thread, a
    operator, grouped by what it is (matrix products, attention kernels, selection and
    masks, softmax, elementwise, copies, optimizer).
 
+``--variants A B ...`` compares any experiments instead, each against the first (e.g. the V4
+attention model against dense MLA at the same width, issue 14), and profiles each by operator.
+
 A matmul burst (``common.matmul_flops``, square fp32 GEMMs) runs once per round beside the
 steps; MFU = model FLOPs per step / step time / that rate.
-``--publish`` writes benchmarks/results/piece_cost.md; nothing is written without it.
+``--publish NAME`` writes benchmarks/results/NAME.md; nothing is written without it.
 """
 
 from __future__ import annotations
@@ -97,12 +101,14 @@ def by_operator(step, n: int = 3) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="time budget of the rounds")
-    ap.add_argument("--publish", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="experiments to time, each against the first (default: full, leave one out)")
+    ap.add_argument("--publish", default="", metavar="NAME", help="write benchmarks/results/NAME.md")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
     a = ap.parse_args()
     torch.set_num_threads(1)
     load0 = os.getloadavg()[0]
-    models = {e: build(e, a.overrides) for e in VARIANTS}
+    models = {e: build(e, a.overrides) for e in a.variants}
     for step, _, _ in models.values():
         step(), step()  # warm-up
     times: dict[str, list[float]] = defaultdict(list)
@@ -114,65 +120,68 @@ def main() -> None:
             step()
             times[e].append(time.perf_counter() - t0)
         rates.append(common.matmul_flops(torch.float32, budget_s=0.5))
-    ops = by_operator(models["full"][0])
+    ops = {e: by_operator(models[e][0]) for e in (a.variants if a.variants != list(VARIANTS)
+                                                 else a.variants[:1])}
     load1 = os.getloadavg()[0]
     a.load = (load0, load1)
     report(a, models, {e: statistics.median(v) for e, v in times.items()},
            statistics.median(rates), len(rates), ops)
 
 
-def report(a, models, ms_of, rate: float, rounds: int, ops: dict[str, float]) -> None:
-    t = models["full"][2]
-    full_s, full_flops = ms_of["full"], models["full"][1]
-    achieved = full_flops / full_s
+def report(a, models, ms_of, rate: float, rounds: int, ops: dict[str, dict[str, float]]) -> None:
+    ref = a.variants[0]
+    t = models[ref][2]
+    ref_s, ref_flops = ms_of[ref], models[ref][1]
+    achieved = ref_flops / ref_s
+    loo = a.variants == list(VARIANTS)
     lines = [
-        "# Training-step cost by piece: the full model, leave one out",
+        "# Training-step cost by piece: the full model, leave one out" if loo else
+        f"# Training-step cost: {', '.join(a.variants[1:])} against {ref}",
         "",
         f"Command: `PYTHONPATH=src python benchmarks/piece_cost.py --seconds {a.seconds:g}"
+        f"{'' if loo else ' --variants ' + ' '.join(a.variants)}"
         f"{' ' + ' '.join(a.overrides) if a.overrides else ''}` (code at git {git_rev()})",
         "",
         f"- torch {torch.__version__}, 1 thread, {torch.backends.cpu.get_cpu_capability()}; "
         f"batch {t.batch_size} x {t.seq_len}; {rounds} rounds, every variant one step per round "
         f"(medians); load average {a.load[0]:.2f} at the start, {a.load[1]:.2f} at the end",
-        f"- measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; full model: {full_s * 1e3:.1f} ms "
-        f"per step, {full_flops / 1e9:.2f} GFLOP (v4lab.accounting), "
-        f"MFU {achieved / rate:.1%} (acceptance: >= 35%)",
+        f"- measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; {ref}: {ref_s * 1e3:.1f} ms "
+        f"per step, {ref_flops / 1e9:.2f} GFLOP (v4lab.accounting), MFU {achieved / rate:.1%}"
+        + (" (acceptance: >= 35%)" if loo else ""),
         "",
-        "| variant | piece removed | ms / step | tokens/s | GFLOP / step | MFU | "
-        "piece ms (full - variant) | % of full step | piece GFLOP | excess ms beyond its FLOPs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | what differs | ms / step | tokens/s | GFLOP / step | MFU | "
+        f"{ref} - variant, ms | % of {ref} step | GFLOP difference | excess ms beyond its FLOPs | "
+        f"step / {ref} step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for e, piece in VARIANTS.items():
+    for e in a.variants:
         s, flops = ms_of[e], models[e][1]
-        row = f"| {e} | {piece or '—'} | {s * 1e3:.1f} | {t.batch_size * t.seq_len / s:,.0f} | " \
-              f"{flops / 1e9:.2f} | {flops / s / rate:.1%} | "
-        if e == "full":
-            row += "— | — | — | — |"
+        row = f"| {e} | {(VARIANTS[e] if loo else '') or '—'} | {s * 1e3:.1f} | " \
+              f"{t.batch_size * t.seq_len / s:,.0f} | {flops / 1e9:.2f} | {flops / s / rate:.1%} | "
+        if e == ref:
+            row += "— | — | — | — | 1.00 |"
         else:
-            d_s, d_f = full_s - s, full_flops - flops
-            row += f"{d_s * 1e3:+.1f} | {d_s / full_s:+.1%} | {d_f / 1e9:+.2f} | " \
-                   f"{(d_s - d_f / achieved) * 1e3:+.1f} |"
+            d_s, d_f = ref_s - s, ref_flops - flops
+            row += f"{d_s * 1e3:+.1f} | {d_s / ref_s:+.1%} | {d_f / 1e9:+.2f} | " \
+                   f"{(d_s - d_f / achieved) * 1e3:+.1f} | {s / ref_s:.2f} |"
         lines.append(row)
-    total = sum(ops.values())
     lines += [
         "",
-        "`excess ms` prices the piece's FLOPs at the full model's own achieved rate "
+        f"`excess ms` prices the FLOP difference at {ref}'s own achieved rate "
         f"({achieved / 1e9:.1f} GFLOP/s): positive = the piece costs more time than its share of "
         "the arithmetic (overhead that is not FLOPs).",
-        "",
-        f"## Where the full model's step goes, by operator (torch.profiler, self time, "
-        f"{total:.0f} ms per step profiled)",
-        "",
-        "| operator group | ms / step | % |",
-        "|---|---:|---:|",
     ]
-    for g, v in sorted(ops.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {g} | {v:.1f} | {v / total:.1%} |")
-    text = lines
+    for e, groups in ops.items():
+        total = sum(groups.values())
+        lines += ["", f"## Where {e}'s step goes, by operator (torch.profiler, self time, "
+                  f"{total:.0f} ms per step profiled)", "", "| operator group | ms / step | % |",
+                  "|---|---:|---:|"]
+        lines += [f"| {g} | {v:.1f} | {v / total:.1%} |"
+                  for g, v in sorted(groups.items(), key=lambda kv: -kv[1])]
     if a.publish:
-        common.publish(ROOT / "benchmarks" / "results" / "piece_cost.md", text)
+        common.publish(ROOT / "benchmarks" / "results" / f"{a.publish}.md", lines)
     else:
-        print("\n".join(text))
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

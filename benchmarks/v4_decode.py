@@ -1,7 +1,7 @@
 """Cached decode cost vs context: v4lab's V4 attention against transformers' DeepSeek-V4 (issue 14).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/v4_decode.py \
-        [--contexts 1024 2048 ... 65536] [--steps 16] [--layers 4] [--kv fp32] [--publish]
+        [--contexts 1024 2048 ... 65536] [--steps 16] [--layers 4] [--kv fp32] [--models ...] [--publish NAME]
 
 Four models of the same shape outside attention: a residual stack of ``--layers``
 attention layers (token embedding, pre-norm, ``x + attn(norm(x))`` per layer, final
@@ -30,8 +30,8 @@ Printed: the table (context, ms/token per model, transformers / v4lab V4 ratio) 
 least-squares slope of log(ms/token) vs log(context) per model (1 = linear in context,
 0 = flat). One thread (``torch.set_num_threads(1)``), fp32 compute,
 ``--kv`` the format of all v4lab caches (fp32 by default: transformers stores fp32).
-``--publish`` writes the report to benchmarks/results/v4_decode.md; nothing is written
-without it.
+``--publish NAME`` writes the report to benchmarks/results/NAME.md; nothing is written
+without it. ``--models`` picks the models (the V4 pair always runs).
 
 Runtime (an estimate, not measured): the defaults (up to 64K, 16 steps) take roughly
 10-30 minutes on one thread (longer on a loaded machine), most of it the dense MLA prefill to 64K
@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the weight-copy helpers the V4 tests check with
 from v4_reference import copy_attention, randomize  # noqa: E402
 
+MODELS = ("v4lab V4", "transformers V4", "v4lab MLA", "v4lab sparse MLA")
 HF_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
             "hca": "heavily_compressed_attention"}
 VOCAB = 512
@@ -252,7 +253,8 @@ def report(a: argparse.Namespace, dim: int, v4: V4AttentionConfig, mla, kinds: l
     lines = [
         "# Cached decode vs context: v4lab V4 attention vs transformers' DeepSeek-V4", "",
         f"Command: `PYTHONPATH=src python benchmarks/v4_decode.py --contexts {' '.join(map(str, contexts))} "
-        f"--steps {a.steps} --layers {a.layers} --kv {a.kv} --chunk {a.chunk}` (code at git "
+        f"--steps {a.steps} --layers {a.layers} --kv {a.kv} --chunk {a.chunk} --models {' '.join(names)}` "
+        f"(code at git "
         f"{git_rev(short=True)})", "",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, 1 thread; load "
@@ -289,7 +291,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--kv", default="fp32", choices=["fp32", "bf16", "fp8"], help="v4lab caches' format")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
-    ap.add_argument("--publish", action="store_true", help="write benchmarks/results/v4_decode.md")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                    help="which models to time (the V4 pair always): dense MLA's chunked prefill "
+                         "grows as context^2, minutes at 64K")
+    ap.add_argument("--publish", default="", metavar="NAME",
+                    help="write benchmarks/results/NAME.md (e.g. v4_decode)")
     a = ap.parse_args()
     contexts = sorted(a.contexts)
     torch.set_num_threads(1)
@@ -304,15 +310,17 @@ def main() -> None:
     mine, theirs, cfg, rotary = v4_pair(dim, v4, kinds, max_len)
     torch.manual_seed(0)
     stack = Stack(dim, a.layers).eval()
-    models = {"v4lab V4": lab_v4(stack, mine), "transformers V4": hf_v4(stack, theirs, cfg, rotary),
-              "v4lab MLA": lab_mla(stack, dense, max_len),
-              "v4lab sparse MLA": lab_mla(stack, sparse, max_len)}
+    makers = {"v4lab V4": lambda: lab_v4(stack, mine),
+              "transformers V4": lambda: hf_v4(stack, theirs, cfg, rotary),
+              "v4lab MLA": lambda: lab_mla(stack, dense, max_len),
+              "v4lab sparse MLA": lambda: lab_mla(stack, sparse, max_len)}
+    models = {n: makers[n]() for n in MODELS if n in {*a.models, *MODELS[:2]}}
     ids = torch.randint(0, VOCAB, (1, max_len), generator=torch.Generator().manual_seed(0))
     load0 = os.getloadavg()
     rows = run(models, ids, contexts, a.steps, a.chunk, lambda: index_order_ties(theirs))
     lines = report(a, dim, v4, sparse[0].cfg, kinds, rows, load0, os.getloadavg())
     if a.publish:
-        common.publish(ROOT / "benchmarks/results/v4_decode.md", lines)
+        common.publish(ROOT / "benchmarks/results" / f"{a.publish}.md", lines)
     else:
         print("\n".join(lines))
 
