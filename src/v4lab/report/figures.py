@@ -257,8 +257,75 @@ def chip_projections(c: Canvas) -> Made:
                   "device for each chip profile (roofline model, src/v4lab/chips.py)")
 
 
-FIGURES = (learning_curves, cost_vs_quality, accuracy_vs_context, probe_accuracy_vs_context,
-           chip_projections)
+NOT_QUALITY = ("cost/", "speed/", "final/", "time/", "host/", "chip/")  # not what a row achieves
+
+
+def quality_vs_axis(c: Canvas) -> Made:
+    """Quality against the study's ``axis`` (the swept quantity its rows are points of), one
+    panel per quality metric of the manifest (at most 2): the mean over seeds with its 95%
+    Student-t interval, each seed a faint dot, the reference row marked."""
+    import matplotlib.pyplot as plt
+
+    axis, records = c.study.axis, c.records
+    if axis is None:
+        return None
+    by_row = {row: [m for m in records if m["experiment"] == row]
+              for row in (*axis.values, c.study.baseline)}
+    wanted = [k for k in c.study.metrics if not k.startswith(NOT_QUALITY)]
+    metrics = [k for k in wanted if any(is_number(m.get(k)) for row in axis.values
+                                        for m in by_row[row])][:2]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False,
+                             sharex=True)  # the same axis values in every panel, skipped rows too
+    for ax, k in zip(axes[0], metrics):
+        _axis_panel(c, ax, k, by_row)
+    legend: dict[str, Any] = {}  # every panel's entries once (a row may lack one metric)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.suptitle(f"{c.study.name}: {' and '.join(metrics)} vs {axis.label}")
+    fig.tight_layout()
+    n = len(c.study.seeds)
+    return c.save(fig, "quality_vs_axis.png", f"{' and '.join(metrics)} against {axis.label}"
+                  + " (log scale)" * axis.log + f": the mean over {n} seed(s) with error bars of "
+                  "the 95% Student-t interval of the mean, each seed a faint dot; the reference row "
+                  f"({c.study.baseline}) "
+                  + ("is ringed" if c.study.baseline in axis.values else
+                     "has no axis value: its mean is the dashed line, its interval the grey band")
+                  + ". A row without a metric is left out of that panel.")
+
+
+def _axis_panel(c: Canvas, ax, k: str, by_row: dict[str, list[dict[str, Any]]]) -> None:
+    """One metric's curve over the axis: means joined in axis order, t-interval bars, seeds."""
+    axis = c.study.axis
+    values = {row: [float(m[k]) for m in ms if is_number(m.get(k))] for row, ms in by_row.items()}
+    ref = c.study.baseline
+    if ref not in axis.values and values[ref]:  # off the axis: a horizontal reference band
+        ax.axhspan(*t_band(values[ref]), color="grey", alpha=0.2, lw=0)
+        ax.axhline(mean_ci(values[ref]).mean, color="grey", ls="--", lw=1, label=f"reference ({ref})")
+    # a row without the metric is skipped
+    points = sorted((x, row, values[row]) for row, x in axis.values.items() if values[row])
+    means = [mean_ci(v).mean for _, _, v in points]
+    ax.plot([x for x, _, _ in points], means, color="grey", lw=1, zorder=1)
+    for (x, row, v), mean in zip(points, means):
+        lo, hi = t_band(v)
+        ax.scatter([x] * len(v), v, color=c.palette[row], alpha=0.35, s=16, lw=0, zorder=2)
+        ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3,
+                    color=c.palette[row], label=row, zorder=3)
+        if row == c.study.baseline:
+            ax.scatter(x, mean, s=160, facecolors="none", edgecolors="black", lw=1.2, zorder=4,
+                       label=f"reference ({row})")
+    if axis.log:
+        ax.set_xscale("log")
+    ax.set_xticks(sorted(axis.values.values()), [f"{x:g}" for x in sorted(axis.values.values())])
+    ax.minorticks_off()
+    ax.set(xlabel=axis.label, ylabel=registry.label(k), title=k)
+
+
+FIGURES = (learning_curves, cost_vs_quality, quality_vs_axis, accuracy_vs_context,
+           probe_accuracy_vs_context, chip_projections)
 
 
 def draw(study: Study, runs: Runs, out: Path) -> list[tuple[str, str]]:

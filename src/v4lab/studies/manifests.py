@@ -12,11 +12,14 @@ A study manifest is ``experiments/<name>.yaml``::
     metrics: [val/bpb, cost/kv_bytes_per_token]   # the table's columns (v4lab.metrics names)
     overrides: [profile=smoke]    # optional: applied to every run of the study
     equivalence: {val/bpb: 0.02}  # optional: TOST margin per metric ("matches" claims)
+    axis: {label: Engram share (%), values: {a0: 0, a50: 50}, log: false}  # optional
 
 One table row per experiment and sweep value; its label, e.g. ``full-chip_ascend_910c``
 (the experiment, then ``-<axis>_<value>`` per sweep axis, the axis named by the last part of
 its key), is also the start of each of its runs' names (``full-chip_ascend_910c-s0``: the
 run folder, the DVC stage, the W&B run). Without ``sweep`` a row is just the experiment.
+``axis`` places rows on a swept quantity (a number per row, e.g. the share of a budget
+when each row is its own experiment) for the report's quality-vs-axis figure.
 :func:`load_study` validates a manifest; every error names the file, the key and the value.
 """
 
@@ -33,7 +36,7 @@ import yaml
 from v4lab.errors import ConfigError
 
 REQUIRED_KEYS = ("name", "experiments", "seeds", "baseline", "metrics")
-OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence")
+OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence", "axis")
 # Keys a study sets itself; an override of them would break the run <-> folder mapping.
 OWNED_KEYS = ("experiment", "+experiment", "seed", "study", "variant", "hydra.sweep.dir",
               "hydra.sweep.subdir")
@@ -77,6 +80,16 @@ class Run:
         return [f"{k}={v}" for k, v in self.axes] + [f"variant={self.variant}"] * bool(self.axes)
 
 
+@dataclass(frozen=True)
+class Axis:
+    """The quantity a study's rows are points of: its title, each placed row's value and
+    whether it is drawn on a log scale."""
+
+    label: str
+    values: dict[str, float]  # row label: value, in manifest order
+    log: bool = False
+
+
 @dataclass
 class Study:
     name: str
@@ -89,6 +102,7 @@ class Study:
     sweep: dict[str, list[str]] = field(default_factory=dict)  # key: values (as Hydra reads them)
     groups: tuple[str, ...] = ()  # the sweep keys that are config groups (conf/<key>/)
     equivalence: dict[str, float] = field(default_factory=dict)  # metric: TOST margin (> 0)
+    axis: Axis | None = None  # the swept quantity the rows are points of (a figure's x)
 
     def cells(self) -> list[Run]:
         """One seedless run per table row: experiments outer, then the sweep values (the
@@ -188,7 +202,42 @@ def parse_study(data: Any, source: str, root: Path) -> Study:
     if study.baseline not in study.rows():
         raise ConfigError(f"{source}: baseline={study.baseline!r} is not allowed: one of the study's "
                           f"{'rows' if sweep else 'experiments'} ({', '.join(study.rows())})")
+    study.axis = parse_axis(data.get("axis"), source, study.rows())
     return study
+
+
+def parse_axis(value: Any, source: str, rows: list[str]) -> Axis | None:
+    """A manifest's ``axis``: {label: title, values: {row: number}, log: bool}, each key a row
+    of the study and each value a finite number, distinct (one curve through the rows)."""
+    if value is None:
+        return None
+    keys = ("label", "values", "log")
+    if not isinstance(value, dict) or not {"label", "values"} <= set(value) or set(value) - set(keys):
+        raise ConfigError(f"{source}: axis={value!r} is not allowed: a mapping with keys label "
+                          "(the axis title), values ({row: number}) and optionally log (true/false)")
+    label, values, log = value["label"], value["values"], value.get("log", False)
+    if not isinstance(label, str) or not label.strip():
+        raise ConfigError(f"{source}: axis label={label!r} is not allowed: a non-empty title")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{source}: axis log={log!r} is not allowed: true or false")
+    if not isinstance(values, dict) or len(values) < 2:
+        raise ConfigError(f"{source}: axis values={values!r} is not allowed: a mapping of at least "
+                          "two of the study's rows to numbers, e.g. {alloc_0: 0, alloc_50: 50}")
+    out = {}
+    for row, x in values.items():
+        if row not in rows:
+            raise ConfigError(f"{source}: axis values key {row!r} is not allowed: one of the "
+                              f"study's rows ({', '.join(rows)})")
+        if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
+                or (log and not x > 0)):
+            raise ConfigError(f"{source}: axis values {row}={x!r} is not allowed: a finite number"
+                              + (" > 0 (log: true)" if log else ""))
+        out[row] = float(x)
+    dup = sorted({x for x in out.values() if list(out.values()).count(x) > 1})
+    if dup:
+        raise ConfigError(f"{source}: axis values {out} are not allowed: {dup} given to more than "
+                          "one row (one point per value: the figure draws one curve)")
+    return Axis(label.strip(), out, log)
 
 
 def parse_equivalence(value: Any, source: str, metrics: list[str]) -> dict[str, float]:
