@@ -27,7 +27,7 @@ from v4lab.folders import RunError
 from v4lab.io import compose
 from v4lab.train import train
 
-TIMINGS = ("speed/", "time/")
+TIMINGS = ("speed/", "time/", "host/")  # wall-clock figures and the load at start
 
 
 def _values(metrics: dict) -> dict:
