@@ -107,6 +107,17 @@ def test_a_reference_off_the_axis_is_a_band_and_log_scale_is_kept(tmp_path, monk
     assert ref[0].get_ydata()[0] == pytest.approx(sum(_bpb("alloc_0", s, "val") for s in (0, 1, 2)) / 3)
 
 
+def test_a_metric_equal_in_every_run_has_no_panel(tmp_path, monkeypatch):
+    """A censored figure (steps_to_90 at the step budget when no row reaches 90%) is flat:
+    the panel goes to the next quality metric instead."""
+    study = _study(tmp_path, metrics=["probe/steps_to_90", "val/bpb", "test/bpb"])
+    for f in (tmp_path / "outputs" / "ax").glob("*/metrics.json"):
+        f.write_text(json.dumps({**json.loads(f.read_text()), "probe/steps_to_90": 300.0}))
+    made, drawn = _draw(tmp_path, study, monkeypatch)
+    assert [ax.get_title() for ax in drawn["quality_vs_axis.png"].axes] == ["val/bpb", "test/bpb"]
+    assert "a metric equal in every run has no panel" in dict(made)["quality_vs_axis.png"]
+
+
 def test_no_axis_no_figure(tmp_path, monkeypatch):
     made, _ = _draw(tmp_path, _study(tmp_path, axis=None), monkeypatch)
     assert "quality_vs_axis.png" not in dict(made) and not (tmp_path / "fig" / "quality_vs_axis.png").exists()

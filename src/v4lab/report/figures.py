@@ -272,8 +272,9 @@ def quality_vs_axis(c: Canvas) -> Made:
     by_row = {row: [m for m in records if m["experiment"] == row]
               for row in (*axis.values, c.study.baseline)}
     wanted = [k for k in c.study.metrics if not k.startswith(NOT_QUALITY)]
-    metrics = [k for k in wanted if any(is_number(m.get(k)) for row in axis.values
-                                        for m in by_row[row])][:2]
+    # a metric with the same value in every run (e.g. steps_to_90 censored at the budget
+    # when no row reaches 90%) would be a flat panel that says nothing: left out
+    metrics = [k for k in wanted if _varies([m.get(k) for row in axis.values for m in by_row[row]])][:2]
     if not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False,
@@ -294,7 +295,13 @@ def quality_vs_axis(c: Canvas) -> Made:
                   f"({c.study.baseline}) "
                   + ("is ringed" if c.study.baseline in axis.values else
                      "has no axis value: its mean is the dashed line, its interval the grey band")
-                  + ". A row without a metric is left out of that panel.")
+                  + ". A row without a metric is left out of that panel; a metric equal in every run "
+                  "has no panel.")
+
+
+def _varies(values: list[Any]) -> bool:
+    """Whether the numeric ``values`` hold at least two different numbers."""
+    return len({float(v) for v in values if is_number(v)}) > 1
 
 
 def _axis_panel(c: Canvas, ax, k: str, by_row: dict[str, list[dict[str, Any]]]) -> None:
