@@ -10,6 +10,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def primes_from(n: int, count: int) -> list[int]:
+    """The ``count`` smallest primes >= n, by trial division (an independent check of
+    Engram's prime table sizes, shared by the parameter-count tests)."""
+    out = []
+    while len(out) < count:
+        if n >= 2 and all(n % p for p in range(2, int(n ** 0.5) + 1)):
+            out.append(n)
+        n += 1
+    return out
 CONF = ROOT / "conf"
 
 # Tests never touch the network: W&B is disabled unless a test asks for offline.

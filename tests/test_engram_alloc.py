@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import primes_from
+
 PCTS = (0, 25, 50, 75, 100)
 MANIFEST = Path(__file__).resolve().parents[1] / "experiments" / "allocation.yaml"
 SPREAD = 1536  # total-parameter spread printed by scripts/engram_allocation.py
@@ -22,21 +24,11 @@ def _model(name: str):
     return load_run_config(compose([f"+experiment={name}", *overrides])).model
 
 
-def _primes_from(n: int, count: int) -> list[int]:
-    """The ``count`` smallest primes >= n, by trial division (independent of engram.py)."""
-    out = []
-    while len(out) < count:
-        if n >= 2 and all(n % p for p in range(2, int(n ** 0.5) + 1)):
-            out.append(n)
-        n += 1
-    return out
-
-
 def _sparse_split(m) -> tuple[int, int]:
     """(inactive Engram table params, inactive routed-expert params) counted by hand."""
     e = m.engram
     n_tables = len(e.ngram_orders) * e.heads_per_order
-    table = sum(_primes_from(e.table_size, n_tables)) * e.head_dim * len(e.layers)
+    table = sum(primes_from(e.table_size, n_tables)) * e.head_dim * len(e.layers)
     eng = table - n_tables * e.head_dim * len(e.layers)
     if not m.moe.enabled:
         return eng, 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import primes_from
 from v4lab.config import load_run_config
 from v4lab.io import compose
 from v4lab.probe_run import new_model, probe_model_config
@@ -37,16 +38,6 @@ def _built(study: str, experiment: str):
     return cfg, new_model(probe_model_config(cfg, cfg.model))
 
 
-def _primes_from(n: int, count: int) -> list[int]:
-    """The ``count`` smallest primes >= n, by trial division (independent of engram.py)."""
-    out = []
-    while len(out) < count:
-        if n >= 2 and all(n % p for p in range(2, int(n ** 0.5) + 1)):
-            out.append(n)
-        n += 1
-    return out
-
-
 def _inactive_by_hand(m) -> int:
     """Parameters a token does not pass through: embedding rows but one, routed experts
     beyond top_k, Engram table rows beyond one per (order, head)."""
@@ -57,7 +48,7 @@ def _inactive_by_hand(m) -> int:
     if m.engram.enabled:
         e = m.engram
         n_tables = len(e.ngram_orders) * e.heads_per_order
-        out += (sum(_primes_from(e.table_size, n_tables)) - n_tables) * e.head_dim * len(e.layers)
+        out += (sum(primes_from(e.table_size, n_tables)) - n_tables) * e.head_dim * len(e.layers)
     return out
 
 
