@@ -59,12 +59,13 @@ GROUPS = [  # (group, aten op name fragments): first match wins
     ("attention kernels", ("scaled_dot_product",)),
     ("selection and masks", ("topk", "masked_fill", "cumsum", "aten::eq", "aten::gt", "aten::le",
                              "aten::lt", "aten::ge", "aten::where", "bitwise", "logical", "nonzero",
-                             "aten::sort", "aten::index", "scatter", "gather", "aten::fill_",
+                             "aten::sort", "aten::index", "aten::index_select", "aten::index_put",
+                             "_index_put_impl", "aten::index_add", "scatter", "gather", "aten::fill_",
                              "aten::zero_")),
     ("softmax / log-softmax / KL", ("softmax", "xlogy")),
     ("copies and layout", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous",
                            "_to_copy", "aten::stack", "aten::pad", "constant_pad")),
-    ("optimizer", ("lerp", "addcdiv", "addcmul", "_foreach", "aten::sqrt")),
+    ("optimizer", ("aten::lerp", "aten::addcdiv", "aten::addcmul", "_foreach", "aten::sqrt")),
 ]
 
 
@@ -80,8 +81,12 @@ def build(experiment: str, overrides: list[str]):
 
 
 def group_of(name: str) -> str:
+    """The group of an operator: an ``aten::`` entry of GROUPS matches the operator's exact
+    name, in-place variant included (``aten::le`` is not ``aten::lerp_``), any other entry a
+    part of the name (``topk``, ``softmax``, ...)."""
+    base = name.rstrip("_")
     for group, frags in GROUPS:
-        if any(f in name for f in frags):
+        if any(base == f.rstrip("_") if f.startswith("aten::") else f in name for f in frags):
             return group
     return "elementwise and other"
 
