@@ -12,6 +12,16 @@ from lightning.pytorch.callbacks import Callback
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Wall-clock figures and the machine's state when a run started (host/busy_cpus_at_start moves
+# with the load): never part of "same config, seed, threads and CPU give the same metrics".
+NOT_DETERMINISTIC = ("speed/", "time/", "host/")
+
+
+def deterministic(metrics: dict) -> dict:
+    """A run's metrics without the wall-clock and machine-state ones: what must repeat exactly."""
+    return {k: v for k, v in metrics.items() if not k.startswith(NOT_DETERMINISTIC)}
+
+
 def primes_from(n: int, count: int) -> list[int]:
     """The ``count`` smallest primes >= n, by trial division (an independent check of
     Engram's prime table sizes, shared by the parameter-count tests)."""

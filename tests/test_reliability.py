@@ -21,17 +21,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, TINY_DATA, Crash
+from conftest import ROOT, TINY_DATA, Crash, deterministic
 from v4lab.errors import ConfigError
 from v4lab.folders import RunError
 from v4lab.io import compose
 from v4lab.train import train
-
-TIMINGS = ("speed/", "time/", "host/")  # wall-clock figures and the load at start
-
-
-def _values(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not k.startswith(TIMINGS)}
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -159,7 +153,7 @@ def test_reevaluate_evaluates_a_finished_run_again_without_training(tmp_path, fi
     shutil.copytree(src, run_dir)
     before = hashes(run_dir)
     again = train(compose([*overrides, "reevaluate=true"]), run_dir)
-    assert _values(again) == _values(metrics)  # same weights, same evaluation
+    assert deterministic(again) == deterministic(metrics)  # same weights, same evaluation
     # training figures come from the checkpoint, not from an empty resume
     for key in ("train/loss", "speed/train_tokens_per_s", "time/train_s"):
         assert again[key] == metrics[key], key
@@ -188,7 +182,7 @@ def test_run_killed_during_final_evaluation_evaluates_without_retraining(
     resumed = train(compose(overrides), run_dir)
     assert f"{run_dir}: trained to step 12; evaluating from checkpoints/last.ckpt without training" \
         in capsys.readouterr().out
-    assert _values(resumed) == _values(metrics)
+    assert deterministic(resumed) == deterministic(metrics)
     for key in ("train/loss", "speed/train_tokens_per_s", "time/train_s"):
         assert resumed[key] == resumed[key] and resumed[key] > 0, key  # finite, not NaN
     assert resumed["train/loss"] == metrics["train/loss"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import ROOT, Crash
+from conftest import ROOT, Crash, deterministic
 from v4lab.io import compose
 from v4lab.lit import NonFiniteLossError, lr_lambda
 from v4lab.train import train
@@ -20,11 +20,6 @@ IDENTITY = ("experiment", "seed", "config_hash", "git_rev", "torch_version", "co
 REQUIRED = IDENTITY + ("val/loss", "val/bpb", "test/bpb", "cost/params_total",
                        "cost/params_active", "cost/kv_bytes_per_token",
                        "cost/train_flops_per_token", "speed/train_tokens_per_s")
-TIMINGS = ("speed/", "time/", "host/")  # wall-clock figures and the load at start
-
-
-def _values(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not k.startswith(TIMINGS)}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def test_run_writes_config_metrics_and_checkpoint(first_run):
 def test_same_seed_same_metrics_other_seed_differs(first_run, tmp_path, smoke_overrides):
     _, metrics = first_run
     again = train(compose(["+experiment=baseline", *smoke_overrides]), tmp_path / "b")
-    assert _values(again) == _values(metrics)
+    assert deterministic(again) == deterministic(metrics)
     other = train(compose(["+experiment=baseline", "seed=1", *smoke_overrides]), tmp_path / "c")
     assert other["val/loss"] != metrics["val/loss"]
 
@@ -70,7 +65,7 @@ def test_kill_and_resume_gives_the_same_final_metrics(first_run, tmp_path, smoke
     resumed = train(cfg, run_dir)
     assert resumed["train/steps"] == 12
     assert resumed["val/loss"] == metrics["val/loss"]
-    assert _values(resumed) == _values(metrics)
+    assert deterministic(resumed) == deterministic(metrics)
     # the learning curve travels in the checkpoint: the resumed run writes the whole curve
     curve = (first_dir / "curves.csv").read_text()
     assert curve.startswith("step,train/loss,train/answer_loss,val/loss,val/bpb\n5,")
