@@ -80,6 +80,17 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat([nope, rot.to(x.dtype)], dim=-1)
 
 
+def rotate_tail_(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """In place, what :func:`rope_tail` returns, for fp32 x: the last 2 * turn.shape[-1]
+    channels, in adjacent pairs (re, im), times ``turn`` = cos + i sin (complex64, shaped to
+    broadcast over the pairs; its conjugate for R(-t)). Returns x. Three dispatches instead
+    of a dozen: decoding one token is dominated by per-operator overhead. The complex
+    product is (a cos - b sin, a sin + b cos) as in rope_tail, to fp32 round-off."""
+    r = 2 * turn.shape[-1]
+    torch.view_as_complex(x[..., -r:].view(*x.shape[:-1], -1, 2)).mul_(turn)
+    return x
+
+
 @dataclass
 class CompressorState:
     """Incremental state of one :class:`BlockCompressor` (batch B, out width D).
@@ -133,21 +144,31 @@ class BlockCompressor(nn.Module):
         return torch.cat([prev_kv, cb_kv], dim=2), torch.cat([prev_gate, cb_gate], dim=2)
 
     def forward(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
-        kv, gate = self.wkv(x), self.wgate(x)
+        return self.pool(self.wkv(x), self.wgate(x), state)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState) -> torch.Tensor:
+        """forward() from the projections kv = x W_KV, gate = x W_Z [B, T, C] (decoding
+        computes them in one matmul with the layer's other projections of x)."""
+        if kv.shape[1] == 1 and state.buf_kv is not None and state.buf_kv.shape[1] + 1 < self.ratio:
+            # decoding inside a block: the token waits in the buffer (the general path below
+            # does the same, with more operators)
+            state.buf_kv = torch.cat([state.buf_kv, kv], 1)
+            state.buf_gate = torch.cat([state.buf_gate, gate], 1)
+            return kv.new_zeros(kv.shape[0], 0, self.out_dim)
         if state.buf_kv is not None:
             kv, gate = torch.cat([state.buf_kv, kv], 1), torch.cat([state.buf_gate, gate], 1)
         m = self.ratio
         n = kv.shape[1] // m
         state.buf_kv, state.buf_gate = kv[:, n * m:], gate[:, n * m:]
         if n == 0:
-            return x.new_zeros(x.shape[0], 0, self.out_dim)
+            return kv.new_zeros(kv.shape[0], 0, self.out_dim)
         kv = kv[:, : n * m].unflatten(1, (n, m))
         gate = gate[:, : n * m].unflatten(1, (n, m)) + self.position_bias
         if self.overlap:
             kv, gate = self._overlap_slots(kv, gate, state)
         weights = gate.float().softmax(dim=2).to(kv.dtype)  # per channel, over the slots
         pooled = self.norm((kv * weights).sum(dim=2))  # [B, n, D]
-        positions = (torch.arange(n, device=x.device) + state.count) * m  # each block's first token
+        positions = (torch.arange(n, device=kv.device) + state.count) * m  # each block's first token
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         state.count += n
         return rope_tail(pooled, cos, sin)

@@ -21,7 +21,8 @@ One code path serves training and decoding: a forward call takes an optional
 :class:`V4LayerCache`; without one it runs on a fresh, discarded cache. The cache holds the
 last W - 1 window entries, the compressors' states (incomplete block, overlap half,
 emitted entries) and the next position, so decoding token by token (or in chunks) gives
-the full forward's outputs.
+the full forward's outputs. One fp32 token without autograd takes a lean path
+(:mod:`v4lab.modules.v4_decode_step`: the same attention with a third of the operators).
 
 Ablation switches (config): ``use_window`` (no_window), ``sink`` (no_sink), ``overlap``
 (no_overlap: CSA blocks pool their own m tokens only), ``csa_topk``.
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from v4lab.errors import require
+from v4lab.modules import v4_decode_step
 from v4lab.modules.compressor import (
     BlockCompressor,
     LightningIndexerV4,
@@ -139,6 +141,7 @@ class V4Attention(nn.Module):
                                  cfg.yarn_original_len)
         self.register_buffer("inv_freq", freq, persistent=False)
         self.compressor = self.indexer = None
+        self.turns = torch.empty(0, 2, cfg.rope_dim // 2, dtype=torch.complex64)  # decoding's R(+-t) table
         if kind == "hca":
             self.compressor = BlockCompressor(dim, d, cfg.hca_ratio, False, freq, cfg.norm_eps)
         elif kind == "csa":
@@ -222,16 +225,25 @@ class V4Attention(nn.Module):
         ctx.add_stat("v4/indexer_kl", kl)
         ctx.add_stat("v4/recall", recall(p_dense, selected, usable, self.cfg.csa_topk))
 
+    # decoding one token: the lean path of v4_decode_step (methods, so tests can spy on them)
+    def _lean_decode_applies(self, x: torch.Tensor) -> bool:
+        return v4_decode_step.applies(self, x)
+
+    def _decode_one(self, x: torch.Tensor, cache: V4LayerCache) -> torch.Tensor:
+        return v4_decode_step.decode_one(self, x, cache)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None,
                 cache: V4LayerCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
         if cache is None:  # a whole sequence from position 0: state is built and dropped
             cache = V4LayerCache.empty(cfg.kv_dtype, cfg.rope_dim, cfg.kv_block, self.ratio, keep=False)
-        positions = torch.arange(cache.pos, cache.pos + t, device=x.device)
         if ctx is not None and int(ctx.positions[0]) != cache.pos:
             raise ValueError(f"V4 attention: chunk starts at position {int(ctx.positions[0])} but the "
                              f"cache holds {cache.pos} tokens (without a cache a chunk starts at 0)")
+        if t == 1 and cache.entries.keep and self._lean_decode_applies(x):
+            return self._decode_one(x, cache)
+        positions = torch.arange(cache.pos, cache.pos + t, device=x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).view(b, t, cfg.n_heads, cfg.head_dim)

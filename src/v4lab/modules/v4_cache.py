@@ -40,14 +40,26 @@ class EntryStore:
     [B, L, d] fp32 equal to ``round_entries`` of everything appended; ``keep_last(n)``
     drops older entries (the sliding window). ``keep=False``: a throwaway store for a
     forward without a cache, which stores nothing.
+
+    Storage: each part is a buffer with spare room; the entries held are its slice
+    [start, end). Appending one token writes into the spare room (amortised O(1), where
+    concatenating would copy every entry at every decode step); ``keep_last`` moves
+    ``start``; a full buffer is compacted to the front, or doubled when the entries held
+    fill more than half of it. Reads are views of the held slice.
     """
 
     def __init__(self, fmt: str, rope_dim: int, block: int, keep: bool = True) -> None:
         self.fmt, self.rope_dim, self.block, self.keep = fmt, rope_dim, block, keep
-        self.parts: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.start = self.end = 0
 
     def __len__(self) -> int:
-        return next(iter(self.parts.values())).shape[1] if self.parts else 0
+        return self.end - self.start
+
+    @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors of the entries held, by part ([B, L, ...] views)."""
+        return {k: v[:, self.start:self.end] for k, v in self.buffers.items()}
 
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.fmt == "fp32":
@@ -57,28 +69,48 @@ class EntryStore:
         q, scale = quantize(x[..., :-self.rope_dim], "fp8", self.block)
         return {"nope": q, "scale": scale, "rope": x[..., -self.rope_dim:].to(torch.bfloat16)}
 
+    def _make_room(self, n: int, like: dict[str, torch.Tensor]) -> None:
+        """Ensure n free slots after ``end``: compact to the front, or grow to twice what is held."""
+        held = len(self)
+        room = next(iter(self.buffers.values())).shape[1] if self.buffers else 0
+        if self.end + n <= room:
+            return
+        if held + n > room // 2:  # compacting would leave too little room: grow
+            room = max(2 * (held + n), 16)
+            fresh = {k: v.new_empty(v.shape[0], room, *v.shape[2:]) for k, v in like.items()}
+        else:
+            fresh = self.buffers
+        live = {k: v.clone() for k, v in self.parts.items()}  # clone: source and target overlap
+        for k, v in live.items():
+            fresh[k][:, :held] = v
+        self.buffers, self.start, self.end = fresh, 0, held
+
     def append(self, x: torch.Tensor) -> None:
-        if not self.keep:
+        if not self.keep or x.shape[1] == 0:
             return
         new = self._encode(x.detach())
-        if not self.parts:
-            self.parts = new
-        else:
-            self.parts = {k: torch.cat([self.parts[k], new[k]], dim=1) for k in new}
+        self._make_room(x.shape[1], new)
+        for k, v in new.items():
+            self.buffers[k][:, self.end:self.end + v.shape[1]] = v
+        self.end += x.shape[1]
 
     def extend(self, new: torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """Append new [B, n, d]; return every entry held before it, then the new ones, as the
         attention sees them: [B, L + n, d] (the new part keeps its gradient, rounded like the
         store). ``keep``: afterwards hold only the last ``keep`` entries."""
-        prev = self.read().to(new.dtype) if len(self) else new[:, :0]
-        if new.shape[1]:
+        if self.keep and not new.requires_grad:  # decoding: the store's read-back is the rounding
             self.append(new)
+            out = self.read().to(new.dtype) if len(self) else new[:, :0]
+        else:
+            prev = self.read().to(new.dtype) if len(self) else new[:, :0]
+            self.append(new)
+            out = torch.cat([prev, round_entries(new, self.fmt, self.rope_dim, self.block)], dim=1)
         if keep is not None:
             self.keep_last(keep)
-        return torch.cat([prev, round_entries(new, self.fmt, self.rope_dim, self.block)], dim=1)
+        return out
 
     def keep_last(self, n: int) -> None:
-        self.parts = {k: v[:, max(v.shape[1] - n, 0):] for k, v in self.parts.items()}
+        self.start = max(self.end - n, self.start)
 
     def _decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.fmt != "fp8":
@@ -102,6 +134,7 @@ class EntryStore:
         return sum(v[0, 0].numel() * v.element_size() for v in self.parts.values()) if len(self) else 0
 
     def nbytes(self) -> int:
+        """Bytes of the entries held (the buffers' spare room is not counted)."""
         return sum(v.numel() * v.element_size() for v in self.parts.values())
 
 
@@ -112,7 +145,9 @@ class V4LayerCache:
     window: the last W - 1 window entries; entries / index_keys: compressed entries and
     the CSA indexer's keys; comp / index: the two compressors' states (incomplete block,
     overlap half, entry count); ratio: the layer's block length (0: sliding only);
-    pos: position of the next token.
+    pos: position of the next token; decode_weights: the layer's projections as one-token
+    decoding uses them, taken at the first such step (a cache belongs to one set of
+    weights: its keys were computed with them).
     Build it with :meth:`V4Attention.new_cache` so the stores use the layer's format.
     """
 
@@ -123,6 +158,7 @@ class V4LayerCache:
     index: CompressorState = field(default_factory=CompressorState)
     ratio: int = 0
     pos: int = 0
+    decode_weights: dict | None = None  # the layer's matrices for one-token steps (taken at the first)
 
     @classmethod
     def empty(cls, fmt: str, rope_dim: int, block: int, ratio: int, keep: bool = True) -> V4LayerCache:
