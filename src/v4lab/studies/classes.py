@@ -1,6 +1,8 @@
-"""Rows that share runs, against the code: the declared classes (``shared_runs``,
-:mod:`v4lab.studies.sharing`) must be what training really does, and a row without runs of
-its own gets its own ``chip/*`` figures here.
+"""Runs a study does not train itself, against the code: the declared classes
+(``shared_runs``, :mod:`v4lab.studies.sharing`) must be what training really does, and a
+row without runs of its own gets its own ``chip/*`` figures here; a study that
+``evaluates`` another's runs must ask for the very training those runs had
+(:func:`check_evaluates`).
 
 Both compose the row's config exactly as its DVC stage or multirun job would (experiment,
 sweep values, the study's overrides) and build it as a run does, without training:
@@ -22,7 +24,8 @@ from v4lab import build, chips
 from v4lab.config import RunConfig, flatten, load_run_config
 from v4lab.errors import ConfigError
 from v4lab.io import compose
-from v4lab.studies.manifests import Run, Study
+from v4lab.probe_run import EVAL_ONLY_KEYS, training_differences
+from v4lab.studies.manifests import Run, Study, load_study
 
 ROW_FIGURES = "chip/"  # the metrics a shared row computes for itself; the rest are its runs'
 NOT_TRAINING = ("chip", "variant", "reevaluate")  # the chip acts through the numerics only
@@ -88,3 +91,26 @@ def row_figures(study: Study, cell: Run, root: Path) -> dict[str, Any]:
                           f"{run_cfg.chip.name!r} behind another chip's runs ({cell.row}): its "
                           "figures are timed by its own runs; make it the first of its class")
     return chips.run_chip_metrics(run_cfg.chip, run_cfg.model)
+
+
+def check_evaluates(study: Study, root: Path) -> Study:
+    """The study ``study`` evaluates (``evaluates``), once it is checked: itself a training
+    study, holding every experiment and seed of ``study``, as probe runs whose composed
+    configs train exactly as ``study``'s do (all but :data:`v4lab.probe_run.EVAL_ONLY_KEYS`)."""
+    where = f"experiments/{study.name}.yaml: evaluates={study.evaluates}"
+    other = load_study(study.evaluates, root)
+    missing = [e for e in study.experiments if e not in other.experiments]
+    missing += [f"seed {s}" for s in study.seeds if s not in other.seeds]
+    if other.evaluates or other.sweep or missing:
+        raise ConfigError(f"{where} is not allowed: a study that trains its runs, without a sweep, "
+                          f"with every experiment and seed of this one (missing: {missing or 'none'})")
+    for e in study.experiments:
+        mine, theirs = (row_config(s, Run(e, -1), root) for s in (study, other))
+        if not mine.probe.enabled:
+            raise ConfigError(f"{where} is not allowed: only probe runs are evaluated again "
+                              f"(probe=<name>; {e} is a corpus run)")
+        diff = training_differences(asdict(theirs), asdict(mine))
+        if diff:
+            raise ConfigError(f"{where} is not allowed: {e} would train otherwise there ("
+                              + "; ".join(diff) + f"); only {', '.join(EVAL_ONLY_KEYS)} may differ")
+    return other

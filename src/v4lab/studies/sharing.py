@@ -1,4 +1,5 @@
-"""Rows that share runs: a manifest's ``shared_runs``, parsed and validated (pure).
+"""Runs a study does not train itself: a manifest's ``shared_runs`` (rows sharing another
+row's runs) and ``evaluates`` (another study's runs evaluated again), parsed and validated.
 
 Chips that train with the same numerics (matmul dtype, effective KV-cache dtype after the
 chip's fallback) train bit for bit alike, so training each of them again only repeats a
@@ -22,6 +23,7 @@ runs of its own can still have them; any other swept value changes what a run me
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from v4lab.errors import ConfigError
@@ -80,3 +82,20 @@ def _classes(axis: str, classes: Any, source: str, swept: list[str], example: st
         raise ConfigError(f"{where}: {unplaced} are in no class: every swept value is in one "
                           "(a class of its own when nothing trains like it)")
     return out
+
+
+def parse_evaluates(value: Any, source: str, root: Path, sweep: dict[str, list[str]]) -> str | None:
+    """A manifest's ``evaluates``: the name of another study whose trained probe runs (same
+    experiment and seed) this study evaluates again with its own evaluation settings,
+    without training (e.g. ``kv_cache`` decodes ``recall``'s weights with other caches).
+    :func:`v4lab.studies.classes.check_evaluates` checks the configs against each other."""
+    if value is None:
+        return None
+    name = Path(source).stem
+    if not isinstance(value, str) or value == name or not (root / "experiments" / f"{value}.yaml").is_file():
+        raise ConfigError(f"{source}: evaluates={value!r} is not allowed: the name of another study "
+                          "(experiments/<name>.yaml) whose runs this study evaluates again")
+    if sweep:
+        raise ConfigError(f"{source}: evaluates={value!r} is not allowed with a sweep: an evaluating "
+                          "study's runs are the other study's experiments and seeds")
+    return value
