@@ -195,8 +195,9 @@ def base_metrics(run_cfg: RunConfig, config_dict: dict[str, Any], model: Transfo
 # is recorded), never what was trained. Everything else must equal the run's config.yaml.
 EVAL_ONLY_KEYS = ("study", "variant", "probe.lengths", "probe.caches")
 # What an evaluation recomputes; the rest of the trained run's metrics.json is kept.
-EVAL_KEYS = ("probe/acc@", "probe/answers@", "speed/decode_ms_per_token@", "cost/kv_bytes@",
-             "probe/kv_", "time/eval_s")
+EVAL_KEYS = tuple(p.split("<")[0] for p in (
+    "probe/acc@<context>", "probe/answers@<context>", "speed/decode_ms_per_token@<context>",
+    "cost/kv_bytes@<context>", "probe/kv_<dtype>/acc", "time/eval_s"))  # (kv_: every cache figure)
 
 
 # Of the trained run's metrics, what describes its machine and time, not the weights: an
