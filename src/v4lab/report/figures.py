@@ -182,11 +182,17 @@ def accuracy_vs_context(c: Canvas) -> Made:
     sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=c.study.rows(),
                  palette=c.palette, style="task", marker="o",
                  errorbar=t_band if len(c.study.seeds) > 1 else None, seed=0, ax=ax)
+    beyond = sorted({int(k.rsplit("@", 1)[1].split("/")[0]) for m in records for k, v in m.items()
+                     if k.startswith("task/") and k.endswith("/extrapolated") and v == 1})
+    if beyond:  # contexts longer than the model was trained on
+        ax.axvspan(beyond[0] / 2 ** 0.5, beyond[-1] * 2 ** 0.5, color="grey", alpha=0.12, lw=0,
+                   label="extrapolated (beyond the trained length)")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
            ylim=(-0.02, 1.02), title=f"{c.study.name}: accuracy vs context length")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
-    return c.save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length")
+    return c.save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length"
+                  + " (grey: contexts beyond the trained length, extrapolation)" * bool(beyond))
 
 
 def _guess_lines(ax, records: list[dict[str, Any]]) -> None:

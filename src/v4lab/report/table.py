@@ -45,11 +45,19 @@ POWER = 0.8  # the power at which each row's minimum detectable effect is given
 ACCURACY = re.compile(r"probe/acc@[^/]+|.+/acc")  # proportions (fraction correct)
 
 
+TASK_CELL = re.compile(r"(task/[^/@]+@[^/]+)/acc")  # a long-context task cell's accuracy
+MIN_CELL = 100  # examples per run a task cell needs to count as a result (issue 16)
+
+
 def answers_key(metric: str) -> str | None:
     """The metrics.json key holding the number of answers behind accuracy ``metric``
-    (``probe/acc@128`` -> ``probe/answers@128``), or None when none is recorded."""
+    (``probe/acc@128`` -> ``probe/answers@128``, ``task/mqar@256/acc`` ->
+    ``task/mqar@256/answers``), or None when none is recorded."""
     m = re.fullmatch(r"probe/acc@([^/]+)", metric)
-    return f"probe/answers@{m.group(1)}" if m else None
+    if m:
+        return f"probe/answers@{m.group(1)}"
+    m = TASK_CELL.fullmatch(metric)
+    return f"{m.group(1)}/answers" if m else None
 
 
 def summarize(study: Study, runs: Runs) -> pl.DataFrame:
@@ -94,6 +102,10 @@ def _interval(metric: str, values: list[float], ms: list[dict[str, Any]]) -> dic
         k = sum(round(float(r[metric]) * int(r[key])) for r in ms)  # correct answers of each seed
         out["mean"], out["answers"] = k / n, n
         out["lo"], out["hi"] = clopper_pearson(int(k), n)
+        if TASK_CELL.fullmatch(metric):  # fewest examples in one run; beyond the trained length?
+            out["per_run"] = min(int(r[key]) for r in ms)
+            flag = f"{TASK_CELL.fullmatch(metric).group(1)}/extrapolated"
+            out["extrapolated"] = any(r.get(flag) == 1 for r in ms)
     return out
 
 
@@ -181,8 +193,12 @@ def _has_mde(table: pl.DataFrame, metric: str) -> bool:
 
 def _mean_cell(row: dict[str, Any], metric: str) -> str:
     if row.get(f"{metric} answers") is not None:  # pooled counts: exact interval
+        marks = ["extrapolated"] * bool(row.get(f"{metric} extrapolated"))
+        per_run = row.get(f"{metric} per_run")
+        if per_run is not None and per_run < MIN_CELL:
+            marks.append(f"{per_run} per run < {MIN_CELL}: not a result")
         return (f"{fmt(row[f'{metric} mean'])} [{fmt(row[f'{metric} lo'])}, {fmt(row[f'{metric} hi'])}]"
-                f" ({row[f'{metric} answers']:,} answers)")
+                f" ({row[f'{metric} answers']:,} answers{''.join(f'; {m}' for m in marks)})")
     return fmt(row[f"{metric} mean"]) + f" ± {fmt(row[f'{metric} ci95'])}"
 
 
@@ -243,6 +259,9 @@ def method_text(study: Study, table: pl.DataFrame) -> str:
     if any(c.endswith(" answers") for c in table.columns):
         text += (" Accuracies with [lo, hi]: pooled over seeds, exact Clopper–Pearson 95% "
                  "interval on the pooled answer counts; their Δ and p are from the seed-level test.")
+    if any(c.endswith(" per_run") for c in table.columns):
+        text += (f" Task cells: extrapolated = a context beyond the trained length (trainer.seq_len); "
+                 f"a cell with fewer than {MIN_CELL} examples in a run is marked as not a result.")
     if study.shared:
         text += (" Rows that share runs (column runs: `shared_runs`, one numerics class) show "
                  "the runs of the row named there: the same runs, not independent replications, "
