@@ -158,7 +158,9 @@ def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
                  "significant": None if math.isnan(p_holm) else bool(p_holm < ALPHA),
                  "mde": mde(s, len(vs), len(groups[ref]), df, target=POWER)
                  if c is not None and not exact and s > 0 else math.nan,
-                 "exact": exact, "same_runs": e != study.baseline and source[e] == ref}
+                 "exact": exact}
+        if study.shared:  # (a column only where rows share runs: other tables keep theirs)
+            cell["same_runs"] = e != study.baseline and source[e] == ref
         if margin is not None:
             eq = tost(c, margin) if c else None
             cell |= {"tost_p": eq.p if eq else math.nan,
