@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF, ROOT
@@ -47,6 +48,10 @@ def test_a_trainer_sets_only_trainer_keys_and_a_profile_picks_the_rest(profile):
     place that picks trainer + model + tasks together."""
     plain = load_run_config(compose([]))
     trainer_only = load_run_config(compose([f"trainer={profile}"]))
+    # the task grid's default context is the trained length (${trainer.seq_len}): it follows
+    # the trainer's sequence length by design, and nothing else of eval does
+    assert trainer_only.eval.contexts == [trainer_only.trainer.seq_len]
+    trainer_only.eval.contexts = plain.eval.contexts
     assert (trainer_only.model, trainer_only.eval) == (plain.model, plain.eval)
     load_run_config(compose([f"profile={profile}"]))  # a valid run
     picked = compose([f"profile={profile}"])
@@ -54,7 +59,8 @@ def test_a_trainer_sets_only_trainer_keys_and_a_profile_picks_the_rest(profile):
     for group, node in (("trainer", "trainer"), ("model", "model"), ("tasks", "eval")):
         assert f"  - override /{group}: " in text, group
         choice = text.split(f"override /{group}: ")[1].split()[0]
-        assert picked[node] == compose([f"{group}={choice}"])[node], group
+        assert OmegaConf.to_container(picked[node]) == \
+            OmegaConf.to_container(compose([f"{group}={choice}"])[node]), group  # as written
     for f in (ROOT / "conf" / "trainer").glob("*.yaml"):
         assert "override /" not in f.read_text(), f"{f} overrides another group: use conf/profile/"
 

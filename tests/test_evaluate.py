@@ -137,7 +137,7 @@ def test_chunked_prefill_decode_equals_unchunked(kind, vocab, hay):
 def test_real_model_metrics_kv_bytes_and_determinism(vocab, hay):
     model = _tiny(attn={"sparse": SparseConfig(enabled=True, topk=8)})
     cfg = EvalConfig(tasks=["niah_single", "positional_recall"], contexts=[64, 160], n_examples=3,
-                     batch_size=2, prefill_chunk=50, timing_tokens=3)
+                     batch_size=2, prefill_chunk=50, timing_tokens=3, allow_extrapolation=True)
     m = evaluate(model, vocab, cfg, hay, train_len=100)
     for c in (64, 160):
         for t in cfg.tasks:
@@ -148,6 +148,12 @@ def test_real_model_metrics_kv_bytes_and_determinism(vocab, hay):
         assert m[f"cost/kv_bytes@{c}"] == model.kv_bytes_per_token(caches) * c
     assert m["task/niah_single/acc_trained_lengths"] == m["task/niah_single@64/acc"]
     assert m["task/niah_single/acc_extrapolated"] == m["task/niah_single@160/acc"]
+    # each cell: the examples behind it, and whether it lies beyond the trained 100 tokens
+    assert [m[f"task/{t}@{c}/answers"] for t in ("niah_single", "all") for c in (64, 160)] == [3, 3, 6, 6]
+    assert [m[f"task/{t}@{c}/extrapolated"] for t in ("positional_recall", "all") for c in (64, 160)] \
+        == [0, 1, 0, 1]
+    correct = sum(round(m[f"task/{t}@160/acc"] * 3) for t in cfg.tasks)  # all: pooled = the mean
+    assert m["task/all@160/acc"] == pytest.approx(correct / m["task/all@160/answers"])
     again = evaluate(model, vocab, cfg, hay, train_len=100)
     assert {k: v for k, v in again.items() if "speed/" not in k} == \
         {k: v for k, v in m.items() if "speed/" not in k}
@@ -161,6 +167,10 @@ def test_bad_input_is_a_clear_error(vocab, hay):
         evaluate(model, vocab, EvalConfig(tasks=["mqar"], contexts=[50, 200]), hay)
     with pytest.raises(ConfigError, match="unknown task; the tasks are niah_single"):
         EvalConfig(tasks=["needle"]).validate()
+    # beyond the trained length (not the rotary range): extrapolation, only when asked for
+    with pytest.raises(ConfigError, match=r"eval.contexts=\[64, 160\].*trainer.seq_len=100.*\[160\] lie "
+                                          r"beyond it: set eval.allow_extrapolation=true"):
+        evaluate(model, vocab, EvalConfig(tasks=["niah_single"], contexts=[64, 160]), hay, train_len=100)
     # extrapolation on request, and the model's own limit is restored afterwards
     m = evaluate(model, vocab, EvalConfig(tasks=["niah_single"], contexts=[300], n_examples=1,
                                           allow_extrapolation=True), hay)
@@ -173,8 +183,17 @@ def test_run_config_validates_eval_before_training():
     with pytest.raises(ConfigError, match=r"eval.contexts.*model.max_seq_len=2048"):
         load_run_config(compose(["eval.contexts=[1024,4096]"]))
     # evaluation off: the grid is never decoded, so it need not fit the rotary range (the
-    # chips study once stopped on this with the tiny model)
-    assert load_run_config(compose(["tasks=off", "model=tiny"])).eval.contexts[-1] > 512
+    # chips study once stopped on this with the tiny model) nor the trained length
+    off = load_run_config(compose(["tasks=off", "model=tiny", "eval.contexts=[1024]"]))
+    assert off.eval.contexts == [1024]
+    with pytest.raises(ConfigError, match=r"eval.contexts=\[256, 512\].*trainer.seq_len=256"):
+        load_run_config(compose(["eval.contexts=[256,512]"]))
+    # the default grid: cells of >= 100 examples at the trained length of each profile
+    for profile, length in (("cpu", 256), ("study", 128)):
+        ev = load_run_config(compose([f"profile={profile}"])).eval
+        assert ev.contexts == [length] and ev.n_examples >= 100 and not ev.allow_extrapolation
+    smoke = load_run_config(compose(["profile=smoke"])).eval  # CI-sized: marked, not results
+    assert smoke.n_examples < 100 and smoke.allow_extrapolation and max(smoke.contexts) > 64
     cfg = load_run_config(compose(["tasks=long_context"]))
     assert cfg.eval.allow_extrapolation and max(cfg.eval.contexts) == 2048 and cfg.eval.train_share == 0.5
     assert cfg.eval.answer_loss_weight == 1.0
@@ -199,4 +218,6 @@ def test_end_of_run_eval_and_checkpoint_cli_agree(tmp_path, smoke_overrides):
         if key.startswith(("task/", "cost/kv_bytes@")):
             assert alone[key] == value, key
     assert main([f"ckpt={run_dir}", "tasks=[nope]"]) == 1
-    assert main([f"ckpt={run_dir}", "contexts=[4096]"]) == 1
+    # (smoke allows extrapolation: asked not to, beyond the rotary range or the trained 48 tokens)
+    assert main([f"ckpt={run_dir}", "contexts=[4096]", "allow_extrapolation=false"]) == 1
+    assert main([f"ckpt={run_dir}", "contexts=[64]", "allow_extrapolation=false"]) == 1

@@ -68,6 +68,50 @@ def test_other_caches_are_compared_on_the_same_weights_and_answers(probe_run):
     torch.testing.assert_close(with_cache(model, "bf16").state_dict(), model.state_dict())
 
 
+EVALUATED = ("probe/acc@", "probe/answers@", "cost/kv_bytes@", "probe/kv_")
+
+
+def test_evaluating_a_trained_run_again_gives_its_own_evaluation(probe_run, tmp_path):
+    """Same weights, same answers: the in-run figures come back exactly, for the run's own
+    cache and for each other cache; a new cache (fp32) is compared on the same answers."""
+    from v4lab.probe_run import evaluate_run
+
+    run_dir, cfg, metrics = probe_run
+    again = evaluate_run(load_run_config(compose(["+experiment=no_sparse_mla", *SMALL, "study=again"])),
+                         run_dir, tmp_path / "again")
+    evaluated = {k: v for k, v in metrics.items() if k.startswith(EVALUATED)}
+    assert len(evaluated) == 12 and {k: again[k] for k in evaluated} == evaluated  # 2 lengths, 2 caches
+    assert again["train/steps"] == 6 and again["study"] == "again" and again["source_run"] == str(run_dir)
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == pytest.approx(again)
+    assert (tmp_path / "again" / "curves.csv").read_text() == (run_dir / "curves.csv").read_text()
+
+    fp32 = evaluate_run(load_run_config(compose(["+experiment=no_sparse_mla", *SMALL, "probe.lengths=[1]",
+                                                 "probe.caches=[fp32]"])), run_dir, tmp_path / "fp32")
+    assert fp32["probe/acc@32"] == metrics["probe/acc@32"] and "probe/acc@64" not in fp32
+    saved = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
+    from v4lab.probe_run import new_model
+
+    model = new_model(saved["model"])
+    model.load_state_dict(saved["state_dict"])
+    run_cfg = load_run_config(cfg)
+    own = probe_hits(model.eval(), run_cfg.probe.make(), run_cfg.seed, 4, decode=True)
+    hits = probe_hits(with_cache(model, "fp32"), run_cfg.probe.make(), run_cfg.seed, 4, decode=True)
+    assert fp32["probe/kv_fp32/acc"] == float(hits.float().mean())
+    assert fp32["probe/kv_fp32/mcnemar_p"] == mcnemar_exact(hits.numpy(), own.numpy()).p
+
+
+@pytest.mark.parametrize("change", ["probe.steps=7", "seed=1", "probe.eval_sequences=8"])
+def test_an_evaluation_that_trained_otherwise_is_refused(probe_run, tmp_path, change):
+    from v4lab.probe_run import evaluate_run
+
+    run_dir, _, _ = probe_run
+    key = change.split("=")[0]
+    with pytest.raises(ConfigError, match=f"trained otherwise than this evaluation asks .*{key}"):
+        evaluate_run(load_run_config(compose(["+experiment=no_sparse_mla", *SMALL, change])),
+                     run_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_finished_probe_run_is_not_run_again(probe_run):
     run_dir, cfg, metrics = probe_run
     assert train(cfg, run_dir) == metrics

@@ -189,9 +189,9 @@ class RunConfig:
         self.probe.validate("probe")
         if self.probe.enabled:  # the probe sets the vocabulary and lengths (v4lab.probe_run)
             return self
-        self.eval.validate("eval", self.model.max_seq_len)
         require(self.trainer.seq_len <= self.model.max_seq_len, "trainer.seq_len",
                 self.trainer.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        self.eval.validate("eval", self.model.max_seq_len, self.trainer.seq_len)
         self.model.attention.validate_sequence(  # V4 window, blocks and top-k fit the windows
             "model.attention", self.trainer.seq_len, self.model.n_layers,
             f"(trainer.seq_len={self.trainer.seq_len}, the training sequence)")

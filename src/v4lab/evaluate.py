@@ -10,6 +10,8 @@ Metrics (flat floats):
 
     task/<task>@<context>/acc           exact-match accuracy of one cell
     task/<task>@<context>/chance        a uniform guess's accuracy there
+    task/<task>@<context>/answers       examples behind the accuracy (all: summed over tasks)
+    task/<task>@<context>/extrapolated  1 beyond the trained length (needs allow_extrapolation)
     task/<task>/acc_trained_lengths     mean over contexts <= the training sequence length
     task/<task>/acc_extrapolated        mean over longer contexts (if any)
     task/all@<context>/acc              mean over tasks
@@ -19,7 +21,8 @@ Metrics (flat floats):
                                         (all layers, read off the stored cache tensors)
 
 A context length counts the whole sequence (prompt + answer). Contexts beyond the
-model's ``max_seq_len`` (its rotary range) need ``allow_extrapolation``.
+trained length (``train_len``: the run's trainer.seq_len) or the model's ``max_seq_len``
+(its rotary range) need ``allow_extrapolation``; the report marks those cells.
 
 CLI (rebuilds the model from the run's config.yaml next to the checkpoint):
 
@@ -113,6 +116,16 @@ def task_examples(task: str, context: int, cfg: EvalConfig, vocab: TaskVocab, ha
                      params) for i in range(cfg.n_examples)]
 
 
+def cell_marks(task: str, context: int, answers: int, train_len: int | None) -> dict[str, float]:
+    """How many examples a cell's accuracy rests on and whether it is extrapolation (its
+    context beyond the trained length); the report pools the first and marks the second."""
+    out = {key("task/<task>@<context>/answers", task=task, context=context): float(answers)}
+    if train_len is not None:
+        beyond = float(context > train_len)
+        out[key("task/<task>@<context>/extrapolated", task=task, context=context)] = beyond
+    return out
+
+
 def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len: int | None = None,
              params: TaskParams = DEFAULT_PARAMS, log=None) -> dict[str, float]:
     """Run the grid; returns the metrics described in the module docstring.
@@ -124,7 +137,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len:
     """
     vocab = tokenizer if isinstance(tokenizer, TaskVocab) else TaskVocab.from_tokenizer(tokenizer)
     max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
-    cfg.validate("eval", max_len)
+    cfg.validate("eval", max_len, train_len)
     check_lengths(cfg, vocab, params)
     hay = Haystack(haystack)
     device = next(iter(model.parameters()), torch.empty(0)).device if hasattr(model, "parameters") \
@@ -152,8 +165,10 @@ def evaluate(model, tokenizer, cfg: EvalConfig, haystack: np.ndarray, train_len:
                 metrics[key("task/<task>@<context>/acc", task=task, context=context)] = acc
                 metrics[key("task/<task>@<context>/chance", task=task, context=context)] = float(
                     np.mean([e.chance for e in exs]))
+                metrics |= cell_marks(task, context, len(exs), train_len)
                 accs.append(acc)
             metrics[key("task/<task>@<context>/acc", task="all", context=context)] = float(np.mean(accs))
+            metrics |= cell_marks("all", context, len(exs) * len(cfg.tasks), train_len)
             first = torch.tensor([exs[0].tokens], dtype=torch.long, device=device)
             ms, held = time_decode(model, first, cfg.timing_tokens, cfg.prefill_chunk)
             metrics[key("speed/decode_ms_per_token@<context>", context=context)] = ms

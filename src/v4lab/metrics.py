@@ -126,6 +126,10 @@ METRICS: tuple[Metric, ...] = (
     # -- long-context tasks (evaluate.evaluate) -------------------------------------------
     _q("task/<task>@<context>/acc", "accuracy", HIGHER, "exact-match accuracy at one context length"),
     _q("task/<task>@<context>/chance", "accuracy", NONE, "a guess's expected accuracy"),
+    Metric("task/<task>@<context>/answers", "answers", NONE, QUALITY,
+           doc="examples behind task/<task>@<context>/acc (all: summed over the tasks)"),
+    Metric("task/<task>@<context>/extrapolated", "flag", NONE, QUALITY,
+           doc="1 when the context is beyond the trained length (trainer.seq_len), else 0"),
     _q("task/<task>/acc_trained_lengths", "accuracy", HIGHER, "mean over the trained lengths"),
     _q("task/<task>/acc_extrapolated", "accuracy", HIGHER, "mean beyond the trained length"),
     # -- probe runs (v4lab.probe_run) ---------------------------------------------------

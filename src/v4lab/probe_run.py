@@ -17,29 +17,45 @@ same files a corpus run does (``config.yaml``, ``metrics.json``, ``curves.csv``,
 A probe run is short (seconds to a minute) and keeps no mid-run checkpoint: an
 interrupted one starts over. The optimizer is the probe loop's AdamW
 (:func:`v4lab.probe_train.train_probe`) whatever ``trainer.optimizer`` says.
+
+Another run's weights, evaluated again without training (:func:`evaluate_run`; a study
+with ``evaluates:``, e.g. ``kv_cache`` decoding ``recall``'s dense-MLA weights with other
+caches)::
+
+    python -m v4lab.probe_run --source outputs/recall/no_sparse_mla-s0 \
+        --out outputs/kv_cache/no_sparse_mla-s0 +experiment=no_sparse_mla seed=0 ... probe.caches=[fp32]
+
+The evaluation's config may differ from the trained run's only in what is evaluated
+(:data:`EVAL_ONLY_KEYS`); the same weights give the same answers as the run's own evaluation.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import shutil
+import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from v4lab import tracking
-from v4lab.config import RunConfig
+from v4lab.build import numerics
+from v4lab.config import MEASURED_CHIP_KEYS, RunConfig, load_run_config, run_identity
+from v4lab.errors import ConfigError
 from v4lab.evaluate import time_decode
-from v4lab.io import atomic_replace, atomic_write_text, config_hash, git_rev
+from v4lab.io import atomic_replace, atomic_write_text, compose, config_hash, git_rev
 from v4lab.metrics import key
 from v4lab.model import ModelConfig, Transformer
 from v4lab.probe_train import ProbeResult, probe_hits, train_probe
 from v4lab.stats import mcnemar_exact
-from v4lab.threads import ThreadChoice
+from v4lab.threads import ThreadChoice, choose_threads
 
 LEVEL = 0.9  # probe/steps_to_90
 TIMING_STREAM = 0x71E  # the sequence decode speed is timed on
@@ -128,15 +144,8 @@ def run(run_cfg: RunConfig, model_cfg: ModelConfig, threads: ThreadChoice, run_d
                              weight_decay=p.weight_decay, warmup=p.warmup, seed=run_cfg.seed,
                              eval_sequences=p.eval_sequences, eval_every=p.eval_every)
         model.eval()
-        t0 = time.perf_counter()
         metrics = base_metrics(run_cfg, config_dict, model, result, threads)
-        own = probe_hits(model, p.make(), run_cfg.seed, p.eval_sequences, decode=True)
-        for n in p.lengths:
-            hits = own if n == 1 else probe_hits(model, p.make(n), run_cfg.seed, p.eval_sequences,
-                                                 decode=True)
-            metrics |= length_metrics(model, run_cfg, hits, n)
-        metrics |= cache_metrics(model, run_cfg, own)
-        metrics["time/eval_s"] = time.perf_counter() - t0
+        metrics |= evaluation(model, run_cfg)
         write_outputs(run_dir, model, result)
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if logger is not None:
@@ -147,6 +156,19 @@ def run(run_cfg: RunConfig, model_cfg: ModelConfig, threads: ThreadChoice, run_d
         return metrics
     finally:
         tracking.finish(exit_code=0 if ok else 1)
+
+
+def evaluation(model: Transformer, run_cfg: RunConfig) -> dict[str, float]:
+    """The end-of-run figures of trained weights: per length, per other cache, the time."""
+    p, t0, out = run_cfg.probe, time.perf_counter(), {}
+    own = probe_hits(model, p.make(), run_cfg.seed, p.eval_sequences, decode=True)
+    for n in p.lengths:
+        hits = own if n == 1 else probe_hits(model, p.make(n), run_cfg.seed, p.eval_sequences,
+                                             decode=True)
+        out |= length_metrics(model, run_cfg, hits, n)
+    out |= cache_metrics(model, run_cfg, own)
+    out["time/eval_s"] = time.perf_counter() - t0
+    return out
 
 
 def base_metrics(run_cfg: RunConfig, config_dict: dict[str, Any], model: Transformer,
@@ -169,4 +191,88 @@ def base_metrics(run_cfg: RunConfig, config_dict: dict[str, Any], model: Transfo
     }
 
 
-__all__ = ["probe_model_config", "run", "with_cache"]
+# What an evaluation of a trained run may set otherwise: what is evaluated (and where it
+# is recorded), never what was trained. Everything else must equal the run's config.yaml.
+EVAL_ONLY_KEYS = ("study", "variant", "probe.lengths", "probe.caches")
+# What an evaluation recomputes; the rest of the trained run's metrics.json is kept.
+EVAL_KEYS = tuple(p.split("<")[0] for p in (
+    "probe/acc@<context>", "probe/answers@<context>", "speed/decode_ms_per_token@<context>",
+    "cost/kv_bytes@<context>", "probe/kv_<dtype>/acc", "time/eval_s"))  # (kv_: every cache figure)
+
+
+# Of the trained run's metrics, what describes its machine and time, not the weights: an
+# evaluation records its own (a report's training time counts the runs trained only).
+NOT_KEPT = ("time/", "speed/", "host/")
+
+
+def training_differences(trained: dict[str, Any], evaluating: dict[str, Any]) -> list[str]:
+    """The keys (with both values) in which two run configs train differently: everything
+    but :data:`EVAL_ONLY_KEYS` and what a resumed run may change (``run_identity``)."""
+    a, b = run_identity(trained), run_identity(evaluating)
+    # a measured chip's (cpu_host) figures: timed when a run is built, absent before
+    timed = tuple(f[:-2] for f in MEASURED_CHIP_KEYS) if trained.get("chip", {}).get("measured") else ()
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in EVAL_ONLY_KEYS and not k.startswith(timed) and a.get(k) != b.get(k)]
+
+
+def evaluate_run(run_cfg: RunConfig, source: Path, out: Path, threads: ThreadChoice | None = None
+                 ) -> dict[str, Any]:
+    """Evaluate the trained probe run in ``source`` (checkpoints/final.pt) as ``run_cfg``
+    asks, without training, into ``out``: config.yaml, its curves.csv (the same weights'
+    learning curve) and metrics.json (the trained run's figures, the evaluation's own)."""
+    run_cfg.model = numerics(run_cfg, measure=False).model
+    config_dict = asdict(run_cfg)
+    config_dict.pop("reevaluate")
+    trained = yaml.safe_load((source / "config.yaml").read_text())
+    diff = training_differences(trained, config_dict)
+    if diff:
+        raise ConfigError(f"{source}: trained otherwise than this evaluation asks ({'; '.join(diff)}); "
+                          f"only {', '.join(EVAL_ONLY_KEYS)} may differ")
+    saved = torch.load(source / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)
+    cfg = saved["model"]
+    need = run_cfg.probe.make(max(run_cfg.probe.lengths)).seq_len
+    if need > cfg.max_seq_len:
+        raise ConfigError(f"probe.lengths={run_cfg.probe.lengths} is not allowed: {source}'s model "
+                          f"covers {cfg.max_seq_len} tokens (its rotary range), the longest asks {need}")
+    model = new_model(cfg)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    kept = {k: v for k, v in json.loads((source / "metrics.json").read_text()).items()
+            if not k.startswith((*EVAL_KEYS, *NOT_KEPT))}
+    metrics = {**kept, "study": run_cfg.study, "config_hash": config_hash(config_dict),
+               "git_rev": git_rev(), "source_run": str(source), **(threads.metrics() if threads else {}),
+               **evaluation(model, run_cfg)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+    shutil.copyfile(source / "curves.csv", out / "curves.csv")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m v4lab.probe_run --source RUN --out DIR [hydra overrides]``: see above."""
+    parser = argparse.ArgumentParser(prog="python -m v4lab.probe_run", description=evaluate_run.__doc__)
+    parser.add_argument("--source", type=Path, required=True, help="the trained probe run's folder")
+    parser.add_argument("--out", type=Path, required=True, help="where the evaluation is written")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        run_cfg = load_run_config(compose(overrides))
+        if not run_cfg.probe.enabled:
+            raise ConfigError(f"probe={run_cfg.probe.name} is not allowed: a probe (probe=<name>)")
+        threads = choose_threads(run_cfg.trainer.num_threads, 1)  # as the run would
+        if threads.threads:
+            torch.set_num_threads(threads.threads)
+        evaluate_run(run_cfg, args.source, args.out, threads)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"evaluated {args.source} -> {args.out / 'metrics.json'}")
+    return 0
+
+
+__all__ = ["EVAL_ONLY_KEYS", "evaluate_run", "probe_model_config", "run", "training_differences",
+           "with_cache"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -147,8 +147,7 @@ def _build(run_cfg: RunConfig, numerics: build.Numerics, last: Path, rank_zero: 
     dm = build.datamodule(run_cfg, data, task_vocab)
     for note in numerics.notes:
         log.warning(note)
-    chip_figures = chips.chip_metrics(run_cfg.chip, numerics.requested_model,
-                                      presets={"v3_671b": chips.load_model_preset("v3_671b")})
+    chip_figures = chips.run_chip_metrics(run_cfg.chip, numerics.requested_model)
     lit = LitLM(run_cfg.model, t, token_bytes, run_cfg.eval.answer_loss_weight)
     lit.last_checkpoint = last  # its non-finite-loss message says whether one is kept
     costs = build.measure_costs(lit.model, t.seq_len) if rank_zero else {}

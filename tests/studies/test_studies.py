@@ -69,5 +69,6 @@ def test_studies_list_shows_sweep_axes(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "chips            1 experiments x 9 chip x 3 seeds  " in out
-    assert "smoke            3 experiments x 1 seeds  " in out and "INVALID" not in out
+    assert "chips            1 experiments x 9 chip x 3 seeds: 9 runs  " in out  # 3 numerics classes
+    assert "kv_cache         1 experiments x 5 seeds: 5 runs of recall, evaluated again  " in out
+    assert "smoke            3 experiments x 1 seeds: 3 runs  " in out and "INVALID" not in out

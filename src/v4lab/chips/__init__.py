@@ -35,13 +35,13 @@ from v4lab.chips.profile import (
     chip_from_cfg,
     load_chip,
 )
-from v4lab.chips.projection import chip_metrics, project
+from v4lab.chips.projection import RUN_PRESETS, chip_metrics, project, run_chip_metrics
 
 __all__ = [
-    "CONFIDENCES", "SCALE_PRESETS", "ChipConfig", "Figure", "ProjectionConfig", "SupportNote",
+    "CONFIDENCES", "RUN_PRESETS", "SCALE_PRESETS", "ChipConfig", "Figure", "ProjectionConfig", "SupportNote",
     "apply_numerics", "available_chips", "build_numerics", "chip_from_cfg", "chip_metrics",
     "host_cache_path", "host_key", "kv_dtype", "kv_dtype_key", "load_chip", "load_model_preset",
     "matmul_flops",
     "measure_host", "model_config_from_dict", "project", "resolve_numerics",
-    "training_precision", "with_kv_dtype", "with_switches",
+    "run_chip_metrics", "training_precision", "with_kv_dtype", "with_switches",
 ]

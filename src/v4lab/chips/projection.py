@@ -25,7 +25,7 @@ from v4lab.accounting import (
     train_flops_per_token,
 )
 from v4lab.chips.numerics import kv_dtype, resolve_numerics, with_kv_dtype
-from v4lab.chips.presets import with_switches
+from v4lab.chips.presets import load_model_preset, with_switches
 from v4lab.chips.profile import ChipConfig, ProjectionConfig
 
 
@@ -192,3 +192,12 @@ def chip_metrics(chip: ChipConfig, model_cfg: Any, presets: dict[str, Any] | Non
             out[f"chip/{prefix}proj_{k}" if "per_s" in k else f"chip/{prefix}{k}"] = (
                 v if isinstance(v, str) else float(v))
     return out
+
+
+RUN_PRESETS = ("v3_671b",)  # the full-size presets every run projects (chip/<preset>/...)
+
+
+def run_chip_metrics(chip: ChipConfig, model_cfg: Any) -> dict[str, float | str]:
+    """The ``chip/*`` metrics a run records (:func:`chip_metrics` with :data:`RUN_PRESETS`),
+    for ``model_cfg`` as requested; also what a study row without runs of its own shows."""
+    return chip_metrics(chip, model_cfg, presets={p: load_model_preset(p) for p in RUN_PRESETS})

@@ -55,8 +55,10 @@ class EvalConfig:
     tasks / contexts: the evaluation grid (context = prompt + answer tokens).
     n_examples: examples per (task, context); batch_size: examples decoded together.
     seed: seed of the held-out examples (training mixes use the run's seed).
-    allow_extrapolation: evaluate contexts beyond model.max_seq_len (RoPE has no hard
-      limit; the check guards against asking for it by mistake).
+    allow_extrapolation: evaluate contexts beyond the trained length (trainer.seq_len) and
+      beyond model.max_seq_len (RoPE has no hard limit; the check guards against asking for
+      it by mistake). Such cells are extrapolation, marked in metrics.json
+      (``task/<task>@<context>/extrapolated``) and in the report.
     prefill_chunk: prompt tokens per cached forward (bounds the attention scores' memory).
     timing_tokens: decode steps timed per context for speed/decode_ms_per_token.
     train_share: share of training windows replaced by task sequences (0 = none).
@@ -79,7 +81,8 @@ class EvalConfig:
     train_tasks: list[str] = field(default_factory=list)
     answer_loss_weight: float = 0.0
 
-    def validate(self, path: str = "eval", max_seq_len: int | None = None) -> EvalConfig:
+    def validate(self, path: str = "eval", max_seq_len: int | None = None,
+                 trained_len: int | None = None) -> EvalConfig:
         require(len(self.tasks) > 0, f"{path}.tasks", self.tasks, f"a non-empty list of: {', '.join(TASKS)}")
         for t in self.tasks:
             check_task(t, f"{path}.tasks")
@@ -105,6 +108,12 @@ class EvalConfig:
                     f"lengths <= model.max_seq_len={max_seq_len} (the model's rotary range); "
                     f"{beyond} lie beyond it: set {path}.allow_extrapolation=true to evaluate "
                     "them anyway, or drop them")
+        if trained_len is not None and self.enabled and not self.allow_extrapolation:
+            beyond = [c for c in self.contexts if c > trained_len]
+            require(not beyond, f"{path}.contexts", self.contexts,
+                    f"lengths <= trainer.seq_len={trained_len} (the trained length); {beyond} lie "
+                    f"beyond it: set {path}.allow_extrapolation=true to evaluate them as "
+                    "extrapolation (marked so in metrics.json and the report), or drop them")
         return self
 
     @property

@@ -42,16 +42,19 @@ class Canvas:
         return name, caption
 
 
-def labelled(study: Study, runs: Runs) -> list[tuple[str, Path, dict[str, Any]]]:
-    """(row label, folder, metrics) of each run, in the study's order."""
-    return [(r.row, *runs[r.name]) for r in study.runs() if r.name in runs]
+def labelled(study: Study, runs: Runs, trained: bool = False) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(row label, folder, metrics) of each run, in the study's order; every row's (a row
+    sharing another's runs has them under its own name) or, with ``trained``, only the
+    rows that have runs of their own."""
+    return [(r.row, *runs[r.name]) for r in (study.runs() if trained else study.row_runs())
+            if r.name in runs]
 
 
 def curves(study: Study, runs: Runs) -> pl.DataFrame | None:
     """Every run's curves.csv with its row label (as ``experiment``) and seed, or None when no
-    run has one."""
+    run has one (rows sharing another's runs: drawn once, under the row that trained them)."""
     frames = []
-    for row, folder, m in labelled(study, runs):
+    for row, folder, m in labelled(study, runs, trained=True):
         path = folder / "curves.csv"
         if path.is_file():
             try:
@@ -80,7 +83,8 @@ def learning_curves(c: Canvas) -> Made:
     data = curves(c.study, c.runs)
     if data is None:
         return None
-    study, order = c.study, c.study.rows()
+    study = c.study
+    order = [r for r in study.rows() if r in set(data["experiment"].to_list())]
     cols = [col for col in ("train/loss", "train/answer_loss", "val/bpb", "probe/acc")
             if col in data.columns and data[col].is_not_null().any()]
     fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
@@ -178,11 +182,17 @@ def accuracy_vs_context(c: Canvas) -> Made:
     sns.lineplot(d, x="context", y="accuracy", hue="experiment", hue_order=c.study.rows(),
                  palette=c.palette, style="task", marker="o",
                  errorbar=t_band if len(c.study.seeds) > 1 else None, seed=0, ax=ax)
+    beyond = sorted({int(k.rsplit("@", 1)[1].split("/")[0]) for m in records for k, v in m.items()
+                     if k.startswith("task/") and k.endswith("/extrapolated") and v == 1})
+    if beyond:  # contexts longer than the model was trained on
+        ax.axvspan(beyond[0] / 2 ** 0.5, beyond[-1] * 2 ** 0.5, color="grey", alpha=0.12, lw=0,
+                   label="extrapolated (beyond the trained length)")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="context length (tokens)", ylabel="task accuracy (fraction correct)",
            ylim=(-0.02, 1.02), title=f"{c.study.name}: accuracy vs context length")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
-    return c.save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length")
+    return c.save(fig, "accuracy_vs_context.png", "Long-context task accuracy against context length"
+                  + " (grey: contexts beyond the trained length, extrapolation)" * bool(beyond))
 
 
 def _guess_lines(ax, records: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from v4lab.io import atomic_write_text, git_rev
 from v4lab.report import swap
 from v4lab.report.dashboards import log_to_wandb
 from v4lab.report.figures import draw
-from v4lab.report.runs import Runs, load_runs
+from v4lab.report.runs import Runs, load_runs, with_shared_rows
 from v4lab.report.table import findings, markdown_table, method_text, summarize
 from v4lab.studies.manifests import Study, available_studies
 
@@ -26,7 +26,8 @@ def build(study: Study, root: Path, reports: Path | None = None) -> Path:
     build left is finished or removed first."""
     t0 = time.perf_counter()
     reports = reports or root / REPORTS
-    runs = load_runs(study, root)
+    trained = load_runs(study, root)
+    runs = with_shared_rows(study, trained, root)  # one entry per row and seed
     table = summarize(study, runs)
     reports.mkdir(parents=True, exist_ok=True)
 
@@ -37,7 +38,7 @@ def build(study: Study, root: Path, reports: Path | None = None) -> Path:
     stage = swap.new_stage(reports, study.name)
     try:
         made = draw(study, runs, stage / "figures")
-        prov = provenance(study, runs, made, markdown_table(study, table), root)
+        prov = provenance(study, trained, made, markdown_table(study, table), root)
         prov["findings"], prov["method"] = findings(study, table), method_text(study, table)
         prov["report_seconds"] = round(time.perf_counter() - t0, 1)
         table.write_csv(stage / f"{study.name}.csv", float_precision=10)
@@ -58,6 +59,7 @@ def provenance(study: Study, runs: Runs, made: list[tuple[str, str]], table_md: 
         "study": study.name, "description": study.description, "baseline": study.baseline,
         "experiments": study.experiments, "seeds": study.seeds, "metrics": study.metrics,
         **({"sweep": study.sweep} if study.sweep else {}),
+        **({"shared_runs": study.shared} if study.shared else {}),
         "overrides": study.overrides, "runs": len(runs),
         "run_git_revs": sorted({str(m.get("git_rev", "unknown")) for m in records}),
         "report_git_rev": git_rev(root),
@@ -106,7 +108,10 @@ def _provenance_lines(prov: dict[str, Any]) -> list[str]:
     return [
         f"- runs: {prov['runs']} ({len(prov['experiments'])} experiments"
         + "".join(f" x {k} {vs}" for k, vs in prov.get("sweep", {}).items())
-        + f" x seeds {prov['seeds']}), "
+        + f" x seeds {prov['seeds']}"
+        + "".join(f"; one {k} per class trained, the others' rows show its runs: {classes}"
+                  for k, classes in prov.get("shared_runs", {}).items())
+        + "), "
         f"overrides: `{' '.join(prov['overrides']) or 'none'}`",
         f"- code: runs at commit(s) {', '.join(f'`{r[:12]}`' for r in prov['run_git_revs'])}; "
         f"report at `{prov['report_git_rev'][:12]}`",

@@ -10,6 +10,7 @@ from typing import Any
 from v4lab import metrics as registry
 from v4lab.errors import ConfigError
 from v4lab.stats import is_number
+from v4lab.studies.classes import ROW_FIGURES, row_figures
 from v4lab.studies.finder import RUN_BASES, scan
 from v4lab.studies.manifests import Study
 
@@ -42,6 +43,25 @@ def load_runs(study: Study, root: Path) -> Runs:
         lines += bad
         raise ReportError("\n  ".join(lines))
     return found.runs
+
+
+def with_shared_rows(study: Study, runs: Runs, root: Path) -> Runs:
+    """``runs`` plus, for each row that shares another row's runs (``shared_runs``), one
+    entry per seed under the row's own run name: its source run's folder and metrics, the
+    ``chip/*`` figures replaced by the row's own (computed for its chip, as its run would
+    record them: :func:`v4lab.studies.classes.row_figures`)."""
+    out = dict(runs)
+    figures: dict[str, dict[str, Any]] = {}
+    for r in study.row_runs():
+        src = study.source(r)
+        if src == r or src.name not in runs:
+            continue
+        if r.row not in figures:
+            figures[r.row] = row_figures(study, r, root)
+        folder, m = runs[src.name]
+        own = {k: v for k, v in m.items() if not k.startswith(ROW_FIGURES)}
+        out[r.name] = (folder, {**own, **figures[r.row]})
+    return out
 
 
 def check_finite(study: Study, runs: Runs) -> None:

@@ -7,7 +7,13 @@ the rows compared, and the minimum detectable effect (80% power) of that test.
 Accuracies (``probe/acc@<L>``, ``*/acc``) whose runs also record how many answers they
 were measured on (``probe/answers@<L>``) show the accuracy pooled over seeds with an exact
 Clopper-Pearson interval on the pooled counts; their comparison stays the seed-level test.
-A metric with an equivalence margin in the manifest gets a TOST per row."""
+A metric with an equivalence margin in the manifest gets a TOST per row.
+
+Rows that share another row's runs (``shared_runs``: chips with the same numerics) are the
+same runs, not independent replications: a measured metric is tested once per class (the
+pooled variance and Holm's correction over the rows with runs of their own), each row of a
+class shows its class's test, and a row sharing the reference's runs has none (``<m>
+same_runs``). Their ``chip/*`` figures are their own (:data:`v4lab.studies.classes.ROW_FIGURES`)."""
 
 from __future__ import annotations
 
@@ -32,17 +38,26 @@ from v4lab.stats import (
     pooled_sd,
     tost,
 )
+from v4lab.studies.classes import ROW_FIGURES
 from v4lab.studies.manifests import Study
 
 POWER = 0.8  # the power at which each row's minimum detectable effect is given
 ACCURACY = re.compile(r"probe/acc@[^/]+|.+/acc")  # proportions (fraction correct)
 
 
+TASK_CELL = re.compile(r"(task/[^/@]+@[^/]+)/acc")  # a long-context task cell's accuracy
+MIN_CELL = 100  # examples per run a task cell needs to count as a result (issue 16)
+
+
 def answers_key(metric: str) -> str | None:
     """The metrics.json key holding the number of answers behind accuracy ``metric``
-    (``probe/acc@128`` -> ``probe/answers@128``), or None when none is recorded."""
+    (``probe/acc@128`` -> ``probe/answers@128``, ``task/mqar@256/acc`` ->
+    ``task/mqar@256/answers``), or None when none is recorded."""
     m = re.fullmatch(r"probe/acc@([^/]+)", metric)
-    return f"probe/answers@{m.group(1)}" if m else None
+    if m:
+        return f"probe/answers@{m.group(1)}"
+    m = TASK_CELL.fullmatch(metric)
+    return f"{m.group(1)}/answers" if m else None
 
 
 def summarize(study: Study, runs: Runs) -> pl.DataFrame:
@@ -59,6 +74,9 @@ def summarize(study: Study, runs: Runs) -> pl.DataFrame:
     check_metrics(study, runs)
     records = {e: [runs[f"{e}-s{s}"][1] for s in study.seeds] for e in study.rows()}
     rows: dict[str, dict[str, Any]] = {e: {"experiment": e, "n": len(ms)} for e, ms in records.items()}
+    if study.shared:  # which runs each row shows, and its class
+        for e in rows:
+            rows[e] |= {"runs": study.source_row(e), "class": study.numerics_class(e)}
     for metric in study.metrics:
         # a row whose model lacks the piece (dense_ffn has no moe/*) has no such column
         present = {e: ms for e, ms in records.items() if metric in ms[0]}
@@ -84,6 +102,10 @@ def _interval(metric: str, values: list[float], ms: list[dict[str, Any]]) -> dic
         k = sum(round(float(r[metric]) * int(r[key])) for r in ms)  # correct answers of each seed
         out["mean"], out["answers"] = k / n, n
         out["lo"], out["hi"] = clopper_pearson(int(k), n)
+        if TASK_CELL.fullmatch(metric):  # fewest examples in one run; beyond the trained length?
+            out["per_run"] = min(int(r[key]) for r in ms)
+            flag = f"{TASK_CELL.fullmatch(metric).group(1)}/extrapolated"
+            out["extrapolated"] = any(r.get(flag) == 1 for r in ms)
     return out
 
 
@@ -112,19 +134,23 @@ def _comparisons(ref: str, groups: dict[str, list[float]]) -> tuple[dict[str, Co
 
 def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
                   records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Every row's cells of one numeric metric (keys without the metric's name)."""
-    ref = study.baseline
-    comps, s, df = _comparisons(ref, groups) if ref in groups else ({}, math.nan, 0)
+    """Every row's cells of one numeric metric (keys without the metric's name). A metric
+    of shared runs is tested on the rows with runs of their own only."""
+    shared = bool(study.shared) and not metric.startswith(ROW_FIGURES)
+    source = {e: study.source_row(e) if shared else e for e in groups}
+    ref = source.get(study.baseline, study.baseline)
+    own = {e: vs for e, vs in groups.items() if source[e] == e}
+    comps, s, df = _comparisons(ref, own) if ref in own else ({}, math.nan, 0)
     tested = [e for e, c in comps.items() if c.se > 0]
     adjusted = dict(zip(tested, holm([comps[e].p for e in tested]))) if tested else {}
     margin = study.equivalence.get(metric)
     out = {}
     for e, vs in groups.items():
         cell = _interval(metric, vs, records[e])
-        c = comps.get(e)
+        c = comps.get(source[e])
         exact = c is not None and c.se == 0
         p = c.p if c else math.nan
-        p_holm = float(adjusted.get(e, p))  # exact comparisons are not tests: not corrected
+        p_holm = float(adjusted.get(source[e], p))  # exact comparisons are not tests: not corrected
         cell |= {"delta": c.delta if c else float(np.mean(vs) - np.mean(groups[ref]))
                  if ref in groups else math.nan,
                  "delta_lo": c.lo if c else math.nan, "delta_hi": c.hi if c else math.nan,
@@ -133,6 +159,8 @@ def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
                  "mde": mde(s, len(vs), len(groups[ref]), df, target=POWER)
                  if c is not None and not exact and s > 0 else math.nan,
                  "exact": exact}
+        if study.shared:  # (a column only where rows share runs: other tables keep theirs)
+            cell["same_runs"] = e != study.baseline and source[e] == ref
         if margin is not None:
             eq = tost(c, margin) if c else None
             cell |= {"tost_p": eq.p if eq else math.nan,
@@ -167,13 +195,19 @@ def _has_mde(table: pl.DataFrame, metric: str) -> bool:
 
 def _mean_cell(row: dict[str, Any], metric: str) -> str:
     if row.get(f"{metric} answers") is not None:  # pooled counts: exact interval
+        marks = ["extrapolated"] * bool(row.get(f"{metric} extrapolated"))
+        per_run = row.get(f"{metric} per_run")
+        if per_run is not None and per_run < MIN_CELL:
+            marks.append(f"{per_run} per run < {MIN_CELL}: not a result")
         return (f"{fmt(row[f'{metric} mean'])} [{fmt(row[f'{metric} lo'])}, {fmt(row[f'{metric} hi'])}]"
-                f" ({row[f'{metric} answers']:,} answers)")
+                f" ({row[f'{metric} answers']:,} answers{''.join(f'; {m}' for m in marks)})")
     return fmt(row[f"{metric} mean"]) + f" ± {fmt(row[f'{metric} ci95'])}"
 
 
 def _delta_cell(row: dict[str, Any], metric: str) -> str:
     delta = row[f"{metric} delta"]
+    if row.get(f"{metric} same_runs"):  # the reference's own runs: nothing to test
+        return "= reference (same runs)"
     if row[f"{metric} exact"]:  # deterministic figure: no test to make
         return f"{_signed(delta)} (exact)" if row[f"{metric} p"] == 0 else "0 (exact)"
     text = f"{_signed(delta)} (p={_p(row[f'{metric} p_holm'])})"
@@ -186,7 +220,7 @@ def _delta_cell(row: dict[str, Any], metric: str) -> str:
 def markdown_table(study: Study, table: pl.DataFrame) -> str:
     """The published table: per metric ``mean ± CI``, ``Δ vs reference (Holm p)`` and, where
     a test was made, the row's MDE."""
-    header = ["experiment", "n"]
+    header = ["experiment", "n", *(["runs", "class"] if study.shared else [])]
     for metric in study.metrics:
         header += [metric] if metric in table.columns else [metric, f"Δ {metric}"]
         header += [f"MDE {metric}"] if _has_mde(table, metric) else []
@@ -195,6 +229,8 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
         name = row["experiment"]
         is_ref = name == study.baseline
         cells = [f"**{name}** (reference)" if is_ref else name, str(row["n"])]
+        if study.shared:  # the row whose runs this row shows (itself: "own")
+            cells += ["own" if row["runs"] == name else f"`{row['runs']}`", str(row["class"])]
         for metric in study.metrics:
             if metric in table.columns:
                 cells.append(str(row[metric]))
@@ -205,18 +241,19 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
             no_test = is_ref or math.isnan(row[f"{metric} delta"])
             cells += [_mean_cell(row, metric), "—" if no_test else _delta_cell(row, metric)]
             if _has_mde(table, metric):
-                cells.append("—" if no_test else fmt(row[f"{metric} mde"]))
+                cells.append("—" if no_test or row.get(f"{metric} same_runs")
+                             else fmt(row[f"{metric} mde"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def method_text(study: Study, table: pl.DataFrame) -> str:
     """The sentence under a table that says what its numbers are."""
-    k = len(study.rows()) - 1
+    n = len(study.rows()) - _n_sharing(study)  # rows with runs of their own
     text = (f"Mean ± 95% CI (Student t) over seeds {study.seeds}; Δ = difference of the mean to "
             f"the reference row `{study.baseline}`; p = two-sided t-test of Δ = 0 with the seed "
-            f"variance pooled over all {len(study.rows())} rows of the study (df = runs − rows), "
-            f"Holm-corrected over the {k} row(s) compared with the reference, per metric; "
+            f"variance pooled over all {n} rows of the study with runs of their own (df = runs − "
+            f"rows), Holm-corrected over the {n - 1} row(s) compared with the reference, per metric; "
             f"* = corrected p < {ALPHA}. MDE = the smallest true |Δ| this test detects with "
             f"{POWER:.0%} power at α = {ALPHA} (pooled SD, the row's and the reference's seeds). "
             "(exact): a figure without spread in the row and the reference, compared without a "
@@ -224,6 +261,16 @@ def method_text(study: Study, table: pl.DataFrame) -> str:
     if any(c.endswith(" answers") for c in table.columns):
         text += (" Accuracies with [lo, hi]: pooled over seeds, exact Clopper–Pearson 95% "
                  "interval on the pooled answer counts; their Δ and p are from the seed-level test.")
+    if any(c.endswith(" per_run") for c in table.columns):
+        text += (f" Task cells: extrapolated = a context beyond the trained length (trainer.seq_len); "
+                 f"a cell with fewer than {MIN_CELL} examples in a run is marked as not a result.")
+    if study.shared:
+        text += (" Rows that share runs (column runs: `shared_runs`, one numerics class) show "
+                 "the runs of the row named there: the same runs, not independent replications, "
+                 "so their measured metrics are tested once per class (the test of the row that "
+                 "trained them) and a row sharing the reference's runs has no test (= reference). "
+                 "Their chip/* figures (numerics, projections) are computed for their own chip "
+                 "and compared as exact figures.")
     if study.equivalence:
         margins = ", ".join(f"{m} ±{v:g}" for m, v in study.equivalence.items())
         text += (f" ≈ = shown equivalent to the reference by TOST (two one-sided pooled t-tests "
@@ -231,8 +278,31 @@ def method_text(study: Study, table: pl.DataFrame) -> str:
     return text
 
 
+def _n_sharing(study: Study) -> int:
+    """How many rows show another row's runs."""
+    return sum(study.source(c) != c for c in study.cells())
+
+
+def _sharing_note(study: Study) -> str | None:
+    """The finding that says which rows are the same runs (no independent evidence)."""
+    groups: dict[str, list[str]] = {}
+    for row in study.rows():
+        if study.source_row(row) != row:
+            groups.setdefault(study.source_row(row), []).append(f"`{row}`")
+    if not groups:
+        return None
+    parts = [f"{', '.join(rows)} show `{src}`'s runs"
+             + (" (the reference's: not tested against it)" if src == study.source_row(study.baseline)
+                else "") for src, rows in groups.items()]
+    return ("Rows sharing runs are the same runs, not independent results (same numerics "
+            "class, trained once per seed): " + "; ".join(parts) + ". Each class's test below "
+            "holds for every row of the class.")
+
+
 def _finding(study: Study, row: dict[str, Any], metric: str) -> str | None:
     e, margin = row["experiment"], study.equivalence.get(metric)
+    if study.shared and study.source_row(e) != e and not metric.startswith(ROW_FIGURES):
+        return None  # its class's finding, under the row that trained the runs
     delta, p = row[f"{metric} delta"], row[f"{metric} p_holm"]
     if row.get(f"{metric} absent") or row[f"{metric} exact"] or p is None or math.isnan(p):
         return None
@@ -251,7 +321,7 @@ def findings(study: Study, table: pl.DataFrame) -> list[str]:
     every other numeric metric with a test, each row significantly different after Holm
     (Δ, its 95% CI, corrected p), shown equivalent by TOST (margin), or a null with its MDE.
     Deterministic figures and single-seed studies give none."""
-    out = []
+    out = [note] if study.shared and (note := _sharing_note(study)) else []
     for metric in study.metrics:
         if f"{metric} p_holm" not in table.columns:
             continue

@@ -35,7 +35,8 @@ def list_studies(root) -> int:
         try:
             s = load_study(name, root)
             sweep = "".join(f" x {len(v)} {k}" for k, v in s.sweep.items())
-            print(f"{name:16s} {len(s.experiments)} experiments{sweep} x {len(s.seeds)} seeds  "
+            runs = f"{len(s.runs())} runs" + (f" of {s.evaluates}, evaluated again" if s.evaluates else "")
+            print(f"{name:16s} {len(s.experiments)} experiments{sweep} x {len(s.seeds)} seeds: {runs}  "
                   f"{s.description}")
         except ConfigError as e:
             print(f"{name:16s} INVALID: {e}")

@@ -16,6 +16,10 @@ def multirun_command(study: Study, launcher: str = "basic", extra: list[str] | N
     """The command that runs ``study`` as one Hydra multirun with ``launcher``."""
     if launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher={launcher!r} is not allowed: one of {', '.join(LAUNCHERS)}")
+    if study.evaluates:
+        raise ConfigError(f"study {study.name!r} trains nothing: it evaluates study "
+                          f"{study.evaluates!r}'s runs again (dvc repro {study.name}, or per run "
+                          "python -m v4lab.probe_run --source RUN --out DIR [overrides])")
     owned = ("experiment", "seed", "study", "variant", *study.sweep)
     for o in extra or []:
         if o.split("=", 1)[0].lstrip("+~") in owned:

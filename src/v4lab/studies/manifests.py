@@ -13,6 +13,8 @@ A study manifest is ``experiments/<name>.yaml``::
     overrides: [profile=smoke]    # optional: applied to every run of the study
     equivalence: {val/bpb: 0.02}  # optional: TOST margin per metric ("matches" claims)
     axis: {label: Engram share (%), values: {a0: 0, a50: 50}, log: false}  # optional
+    shared_runs: {chip: {bf16_fp8: [nvidia_h800, nvidia_h20]}}  # optional: chips that train alike
+    evaluates: recall             # optional: evaluate that study's runs again, no training
 
 One table row per experiment and sweep value; its label, e.g. ``full-chip_ascend_910c``
 (the experiment, then ``-<axis>_<value>`` per sweep axis, the axis named by the last part of
@@ -20,7 +22,9 @@ its key), is also the start of each of its runs' names (``full-chip_ascend_910c-
 run folder, the DVC stage, the W&B run). Without ``sweep`` a row is just the experiment.
 ``axis`` places rows on a swept quantity (a number per row, e.g. the share of a budget
 when each row is its own experiment) for the report's quality-vs-axis figure.
-:func:`load_study` validates a manifest; every error names the file, the key and the value.
+``shared_runs``, ``evaluates``: runs that a row or study does not train itself
+(:mod:`v4lab.studies.sharing`). :func:`load_study` validates a manifest (errors name the
+file, the key and the value).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from typing import Any
 import yaml
 
 from v4lab.errors import ConfigError
+from v4lab.studies.sharing import parse_evaluates, parse_shared_runs
 
 REQUIRED_KEYS = ("name", "experiments", "seeds", "baseline", "metrics")
-OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence", "axis")
+OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence", "axis", "shared_runs", "evaluates")
 # Keys a study sets itself; an override of them would break the run <-> folder mapping.
 OWNED_KEYS = ("experiment", "+experiment", "seed", "study", "variant", "hydra.sweep.dir",
               "hydra.sweep.subdir")
@@ -103,6 +108,27 @@ class Study:
     groups: tuple[str, ...] = ()  # the sweep keys that are config groups (conf/<key>/)
     equivalence: dict[str, float] = field(default_factory=dict)  # metric: TOST margin (> 0)
     axis: Axis | None = None  # the swept quantity the rows are points of (a figure's x)
+    shared: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # axis: {class: values}
+    evaluates: str | None = None  # the study whose trained runs this one evaluates again
+
+    def _trained(self, key: str, value: str) -> str:  # whose runs it uses: its class's first
+        return next((vs[0] for vs in self.shared.get(key, {}).values() if value in vs), value)
+
+    def source(self, cell: Run) -> Run:
+        """The cell whose runs ``cell`` uses: itself, or its class's first (``shared_runs``)."""
+        return Run(cell.experiment, cell.seed, tuple((k, self._trained(k, v)) for k, v in cell.axes))
+
+    def source_row(self, row: str) -> str:
+        """The row whose runs row ``row`` shows (itself unless it shares runs)."""
+        return {c.row: self.source(c).row for c in self.cells()}[row]
+
+    def numerics_class(self, row: str) -> str | None:  # its class in shared_runs, or None
+        axes = dict(next(c for c in self.cells() if c.row == row).axes)
+        return next((lb for k, cs in self.shared.items() for lb, vs in cs.items() if axes[k] in vs), None)
+
+    def row_runs(self) -> list[Run]:
+        """Every (row, seed), rows outer, shared rows included (their runs are their source's)."""
+        return [Run(c.experiment, s, c.axes) for c in self.cells() for s in self.seeds]
 
     def cells(self) -> list[Run]:
         """One seedless run per table row: experiments outer, then the sweep values (the
@@ -117,13 +143,14 @@ class Study:
         return [c.row for c in self.cells()]
 
     def runs(self) -> list[Run]:
-        """Every (row, seed), rows outer, in manifest order."""
-        return [Run(c.experiment, s, c.axes) for c in self.cells() for s in self.seeds]
+        """Every run (row, seed), rows outer, in manifest order; rows sharing runs have none."""
+        return [r for r in self.row_runs() if self.source(r) == r]
 
     def multirun_args(self) -> list[str]:
         """The ``run.py -m`` arguments that run the whole study as one Hydra sweep; each job's
         ``variant`` resolves to its own sweep values (a group's choice, or a key's value)."""
-        axes = [f"{k}={','.join(vs)}" for k, vs in self.sweep.items()]
+        axes = [f"{k}={','.join(v for v in vs if self._trained(k, v) == v)}"
+                for k, vs in self.sweep.items()]
         variant = "".join(f"-{axis_label(k)}_${{hydra:runtime.choices.{k}}}" if k in self.groups
                           else f"-{axis_label(k)}_${{{k}}}" for k in self.sweep)
         return ["-m", f"+experiment={','.join(self.experiments)}",
@@ -203,6 +230,8 @@ def parse_study(data: Any, source: str, root: Path) -> Study:
         raise ConfigError(f"{source}: baseline={study.baseline!r} is not allowed: one of the study's "
                           f"{'rows' if sweep else 'experiments'} ({', '.join(study.rows())})")
     study.axis = parse_axis(data.get("axis"), source, study.rows())
+    study.shared = parse_shared_runs(data.get("shared_runs"), source, sweep)
+    study.evaluates = parse_evaluates(data.get("evaluates"), source, root, sweep)
     return study
 
 
