@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from v4lab.modules.sparse import indexer_kl, recall, select_topk, topk_indices
+from v4lab.modules.sparse import (
+    indexer_kl,
+    recall,
+    select_topk,
+    select_topk_causal,
+    topk_indices,
+)
 
 
 def naive_select(row: list[float], k: int) -> set[int]:
@@ -77,3 +83,34 @@ def test_recall_matches_naive():
     own = select_topk(probs.masked_fill(~causal, float("-inf")), k) & causal
     assert recall(probs, own, causal, k) == 1.0
     assert recall(probs, sel, causal, t) == 1.0  # nothing to select: trivially complete
+
+
+def test_causal_selection_equals_masked_selection():
+    """select_topk_causal skips ranking the first k rows: the same mask as ranking them."""
+    g = torch.Generator().manual_seed(3)
+    t = 12
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for scores in (torch.randn(2, t, t, generator=g),
+                   torch.randint(0, 3, (2, t, t), generator=g).float()):  # many ties
+        masked = scores.masked_fill(~causal, float("-inf"))
+        for k in (1, 3, 5, 11, 12, 20):
+            want = select_topk(masked, k) & causal
+            assert torch.equal(select_topk_causal(masked, k), want)
+
+
+def test_indexer_kl_gradient_matches_autograd_of_the_definition():
+    """The closed-form backward equals autograd through log_softmax of the masked scores;
+    only the scores get a gradient."""
+    g = torch.Generator().manual_seed(4)
+    t = 6
+    mask = torch.ones(t, t, dtype=torch.bool).tril() & (torch.rand(2, t, t, generator=g) > 0.4)
+    mask[:, torch.arange(t), torch.arange(t)] = True
+    p = torch.rand(2, t, t, generator=g, dtype=torch.float64) * mask
+    p = p / p.sum(-1, keepdim=True)
+    scores = torch.randn(2, t, t, generator=g, dtype=torch.float64, requires_grad=True)
+    indexer_kl(p, scores, mask).backward()
+    ref = scores.detach().clone().requires_grad_(True)
+    log_q = torch.log_softmax(ref.masked_fill(~mask, float("-inf")), -1).masked_fill(~mask, 0.0)
+    (torch.xlogy(p, p) - p * log_q).sum(-1).mean().backward()
+    torch.testing.assert_close(scores.grad, ref.grad, atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda s: indexer_kl(p, s, mask), (scores.detach().requires_grad_(),))

@@ -45,7 +45,7 @@ from v4lab.modules.sparse import (
     head_summed_distribution,
     indexer_kl,
     recall,
-    select_topk,
+    select_topk_causal,
     topk_indices,
 )
 
@@ -281,35 +281,43 @@ class MultiHeadLatentAttention(nn.Module):
     def _index_train(self, qh, kh, index, ctx: ForwardContext) -> torch.Tensor | None:
         """Indexer scores, selection, KL loss and stats for the training path.
 
-        Returns the attention mask [B, T, T] (causal & selected), or None for plain causal
-        attention (dense warm-up, or when top-k keeps every key)."""
+        Returns the additive attention bias [B, T, T] (0 on the causal selected keys, -inf
+        elsewhere: what SDPA would build from a boolean mask, built once), or None for
+        plain causal attention (dense warm-up, or when top-k keeps every key)."""
         idx_q, idx_w, idx_k = index
         t = qh.shape[2]
         topk = self.sparse.topk
         causal = torch.ones(t, t, dtype=torch.bool, device=qh.device).tril()
         scores = self.indexer.scores(idx_q, idx_w, idx_k)  # [B, T, T]
-        masked = scores.masked_fill(~causal, float("-inf"))
-        selected = select_topk(masked.detach(), topk) & causal
-        dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
-        attn_mask = None if (dense_phase or topk >= t) else selected
-        if not ctx.records and not torch.is_grad_enabled():
-            return attn_mask  # plain inference: no loss, no statistics
         with torch.no_grad():
-            logits = (qh @ kh.transpose(-1, -2)) * self.scale  # [B, H, T, T]
-            p_dense = head_summed_distribution(
-                logits.masked_fill(~causal, float("-inf")).softmax(-1))
-            if attn_mask is None:
+            selected = select_topk_causal(scores.masked_fill(~causal, float("-inf")), topk)
+        dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
+        bias = None
+        if not (dense_phase or topk >= t):
+            bias = torch.where(selected, qh.new_zeros(()), qh.new_full((), float("-inf")))
+        if not ctx.records and not torch.is_grad_enabled():
+            return bias  # plain inference: no loss, no statistics
+        with torch.no_grad():
+            # causal logits in one product (-inf added above the diagonal), one softmax per
+            # target: the dense one, then the selected one on the same buffer
+            b, h = qh.shape[:2]
+            causal_bias = torch.zeros(t, t, dtype=qh.dtype, device=qh.device).masked_fill_(
+                ~causal, float("-inf"))
+            logits = torch.baddbmm(causal_bias, qh.reshape(b * h, t, -1),
+                                   kh.reshape(b * h, t, -1).transpose(1, 2),
+                                   alpha=self.scale).view(b, h, t, t)
+            p_dense = head_summed_distribution(logits.softmax(-1))
+            if bias is None:
                 target, kl_mask = p_dense, causal
             else:
-                target = head_summed_distribution(
-                    logits.masked_fill(~attn_mask[:, None], float("-inf")).softmax(-1))
-                kl_mask = attn_mask
+                target = head_summed_distribution(logits.add_(bias[:, None]).softmax(-1))
+                kl_mask = selected
         kl = indexer_kl(target, scores, kl_mask)
         if torch.is_grad_enabled():
             ctx.add_loss("sparse/indexer_kl", kl * self.sparse.kl_weight)
         ctx.add_stat("sparse/indexer_kl", kl)
         ctx.add_stat("sparse/recall", recall(p_dense, selected, causal, topk))
-        return attn_mask
+        return bias
 
     # ---- decode path --------------------------------------------------------------
     def _decode_path(self, q_nope, q_rope, c_kv, k_rope, index, ctx: ForwardContext,
