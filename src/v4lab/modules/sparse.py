@@ -63,9 +63,42 @@ class LightningIndexer(nn.Module):
         b, t, h, d = q.shape
         if self.qk_quant is not None:  # the RoPE'd q and k, as they enter the matmul
             q, k = self.qk_quant(q), self.qk_quant(k)
-        qk = torch.matmul(q.reshape(b, t * h, d) * d ** -0.5, k.to(q.dtype).transpose(1, 2))
-        qk = qk.relu_().view(b, t, h, -1)  # [B, T, H_I, S]
-        return torch.matmul(w.unsqueeze(-2), qk).squeeze(-2)
+        qs, k = q.reshape(b, t * h, d) * d ** -0.5, k.to(q.dtype)
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(q.device.type):
+            return _WeightedReluScores.apply(qs, k, w)
+        return _weighted_relu_scores(qs, k, w)[0]
+
+
+def _weighted_relu_scores(qs: torch.Tensor, k: torch.Tensor,
+                          w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """I = sum_j w_j ReLU(qs_j . k): qs [B, T*H, d] (scaled), k [B, S, d], w [B, T, H]
+    -> (I [B, T, S], ReLU(qs k^T) [B, T, H, S])."""
+    b, t, h = w.shape
+    qk = torch.matmul(qs, k.transpose(1, 2)).relu_().view(b, t, h, -1)  # [B, T, H_I, S]
+    return torch.matmul(w.unsqueeze(-2), qk).squeeze(-2), qk
+
+
+class _WeightedReluScores(torch.autograd.Function):
+    """:func:`_weighted_relu_scores` with a hand-written backward: the same products as
+    autograd's, but the gradient of the per-head scores, w_j g(t, s) where the ReLU passed,
+    comes from one broadcast product instead of a batch of [H, 1] x [1, S] matrix products
+    (the same values: each is one multiplication)."""
+
+    @staticmethod
+    def forward(ctx, qs: torch.Tensor, k: torch.Tensor,  # type: ignore[override]
+                w: torch.Tensor) -> torch.Tensor:
+        scores, qk = _weighted_relu_scores(qs, k, w)
+        ctx.save_for_backward(qs, k, w, qk)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        qs, k, w, qk = ctx.saved_tensors
+        b, t, h, s = qk.shape
+        grad_w = torch.matmul(grad.unsqueeze(-2), qk.transpose(-1, -2)).squeeze(-2)
+        grad_qk = torch.ops.aten.threshold_backward(w.unsqueeze(-1) * grad.unsqueeze(-2), qk, 0)
+        grad_qk = grad_qk.view(b, t * h, s)
+        return grad_qk @ k, grad_qk.transpose(1, 2) @ qs, grad_w
 
 
 def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,18 +153,18 @@ def head_summed_distribution(probs: torch.Tensor) -> torch.Tensor:
 
 
 class _IndexerKL(torch.autograd.Function):
-    """Mean over rows of KL(target || softmax(scores over mask)), gradient to scores only.
+    """Mean over rows of KL(target || softmax(scores + bias)), gradient to scores only.
 
     One log-softmax forward; the backward is the closed form (softmax(I) sum(target) -
     target) / rows, which autograd would otherwise reach through two masked copies, an
-    xlogy and the log-softmax backward. Keys outside the mask get a finite floor instead of
-    -inf (the same softmax: exp of it is 0), so the zero targets there need no second mask.
+    xlogy and the log-softmax backward. Masked keys score -1e30 (:func:`mask_bias`), the
+    same softmax as -inf, so the zero targets there need no second mask.
     """
 
     @staticmethod
     def forward(ctx, target: torch.Tensor, scores: torch.Tensor,  # type: ignore[override]
-                mask: torch.Tensor) -> torch.Tensor:
-        masked = scores.masked_fill(~mask, _FLOOR)
+                bias: torch.Tensor) -> torch.Tensor:
+        masked = scores + bias
         log_q = F.log_softmax(masked, dim=-1)
         # target log target: 0 at target = 0 (the floor keeps log out of its slow path at 0;
         # it changes only subnormal targets, by less than 1e-36 each)
@@ -144,12 +177,26 @@ class _IndexerKL(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         target, masked = ctx.saved_tensors
         rows = masked.numel() // masked.shape[-1]
-        # softmax, not exp(log q): CPU exp of the floored entries takes a slow path
+        # softmax, not exp(log q): CPU exp of the masked entries takes a slow path
         g = (masked.softmax(-1) * target.sum(-1, keepdim=True) - target) * (grad / rows)
         return None, g.to(ctx.scores_dtype), None
 
 
-_FLOOR = -1e30  # the score of a masked key in the KL's softmax: exp(_FLOOR - max) == 0
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive bias of a boolean mask: 0 where True, -1e30 where False (in ``dtype``).
+
+    A finite stand-in for -inf: added to scores of ordinary size it gives -1e30, whose exp
+    (after subtracting any row maximum) is exactly 0, as -inf's is; so softmax, attention
+    and the KL see the same distribution (rows keep at least one True). Built with
+    arithmetic, because masked_fill / where over a mask of irregular pattern (a top-k
+    selection) are several times slower on CPU than a vectorised pass."""
+    return mask.float().sub_(1.0).mul_(1e30).to(dtype)
+
+
+def indexer_kl_biased(target: torch.Tensor, index_scores: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """:func:`indexer_kl` with the keys given as :func:`mask_bias` of the mask."""
+    return _IndexerKL.apply(target.detach(), index_scores, bias)
 
 
 def indexer_kl(target: torch.Tensor, index_scores: torch.Tensor,
@@ -160,7 +207,7 @@ def indexer_kl(target: torch.Tensor, index_scores: torch.Tensor,
     index_scores: [B, T, S]; mask: [B, T, S] or [T, S] bool (keys each query may use).
     The gradient reaches ``index_scores`` only.
     """
-    return _IndexerKL.apply(target.detach(), index_scores, mask)
+    return indexer_kl_biased(target, index_scores, mask_bias(mask, index_scores.dtype))
 
 
 @torch.no_grad()
