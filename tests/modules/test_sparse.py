@@ -139,3 +139,28 @@ def test_index_scores_values_and_gradients_match_the_formula():
     (ref * up).sum().backward()
     for a, r in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, r.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_causal_index_scores_match_the_formula_where_causal():
+    """causal_scores (blocks of 64 queries against the keys up to their block's end; three
+    blocks here) equals the formula for s <= t, and so do the gradients of any loss that
+    reads only s <= t."""
+    g = torch.Generator().manual_seed(6)
+    b, t, h, d = 2, 150, 2, 4
+    idx = LightningIndexer(16, 16, SparseConfig(index_n_heads=h, index_head_dim=d,
+                                                index_rope_dim=0), 10000.0)
+    q, w, k = (torch.randn(*s, generator=g, dtype=torch.float64)
+               for s in ((b, t, h, d), (b, t, h), (b, t, d)))
+    leaves = [x.clone().requires_grad_(True) for x in (q, w, k)]
+    got = idx.causal_scores(*leaves)
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, w, k)]
+    rq, rw, rk = ref_leaves
+    ref = (torch.einsum("bthd,bsd->bths", rq, rk) / math.sqrt(d)).relu()
+    ref = (ref * rw.unsqueeze(-1)).sum(-2)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    torch.testing.assert_close(got * causal, ref * causal, atol=1e-12, rtol=1e-10)
+    up = torch.randn(b, t, t, generator=g, dtype=torch.float64) * causal
+    (got * up).sum().backward()
+    (ref * up).sum().backward()
+    for a, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, r.grad, atol=1e-12, rtol=1e-10)

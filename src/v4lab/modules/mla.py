@@ -290,7 +290,7 @@ class MultiHeadLatentAttention(nn.Module):
         topk = self.sparse.topk
         causal = torch.ones(t, t, dtype=torch.bool, device=qh.device).tril()
         causal_bias = torch.zeros(t, t, device=qh.device).masked_fill_(~causal, float("-inf"))
-        scores = self.indexer.scores(idx_q, idx_w, idx_k)  # [B, T, T]
+        scores = self.indexer.causal_scores(idx_q, idx_w, idx_k)  # [B, T, T], s <= t
         with torch.no_grad():
             selected = select_topk_causal(scores + causal_bias.to(scores.dtype), topk)
         dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
