@@ -54,6 +54,7 @@ from torch import nn
 
 from v4lab.modules.args import EngramConfig
 from v4lab.modules.context import ForwardContext
+from v4lab.modules.dwconv import shifted_conv
 from v4lab.modules.norm import RMSNorm
 
 _MASK64 = (1 << 64) - 1
@@ -379,13 +380,9 @@ class Engram(nn.Module):
             cache.state = full[:, full.shape[1] - pad:].detach() if pad else full[:, :0]
         else:
             full = F.pad(z, (0, 0, pad, 0))
-        # y_t = sum_i w[:, i] * z_{t - (K-1-i) * dilation}: K shifted products (as fast as
-        # F.conv1d's depthwise kernel on CPU and readable; same weights as nn.Conv1d)
-        w, t = self.conv.weight[:, 0, :], z.shape[1]
-        out = full[:, :t] * w[:, 0]
-        for i in range(1, self.kernel_size):
-            out = out + full[:, i * self.dilation: i * self.dilation + t] * w[:, i]
-        return out
+        # y_t = sum_i w[:, i] * z_{t - (K-1-i) * dilation}: K shifted products (modules/
+        # dwconv.py; same weights as nn.Conv1d)
+        return shifted_conv(full, self.conv.weight[:, 0, :], self.dilation, z.shape[1])
 
     # ---- decode / accounting ------------------------------------------------------------------
     def new_cache(self, batch: int, device: torch.device | str = "cpu") -> EngramCache:
