@@ -54,6 +54,7 @@ from torch import nn
 
 from v4lab.modules.args import EngramConfig
 from v4lab.modules.context import ForwardContext
+from v4lab.modules.dwconv import shifted_conv
 from v4lab.modules.norm import RMSNorm
 
 _MASK64 = (1 << 64) - 1
@@ -272,7 +273,7 @@ class Engram(nn.Module):
         of |U| n-grams into p rows its expectation is 1 - (1 - 1/p)^(|U| - 1).
         """
         t = idx.shape[1]
-        rates = []
+        rows_all, sizes = [], []
         for oi, n in enumerate(self.orders):
             grams = torch.stack([window[:, self.max_order - 1 - k: self.max_order - 1 - k + t]
                                  for k in range(n)], dim=-1).reshape(-1, n)
@@ -284,13 +285,18 @@ class Engram(nn.Module):
                 uniq, inverse = torch.unique(code, return_inverse=True)
             else:
                 uniq, inverse = torch.unique(grams, dim=0, return_inverse=True)
-            for h in range(self.heads):
-                j = oi * self.heads + h
-                rows = torch.zeros(len(uniq), dtype=torch.int64, device=idx.device)
-                rows.scatter_(0, inverse.to(idx.device), idx[..., j].reshape(-1))
-                _, inv_b, counts = torch.unique(rows, return_inverse=True, return_counts=True)
-                rates.append((counts[inv_b] > 1).float().mean())
-        return torch.stack(rates).mean()
+            heads = idx[..., oi * self.heads: (oi + 1) * self.heads].reshape(-1, self.heads)
+            rows = torch.zeros(len(uniq), self.heads, dtype=torch.int64, device=idx.device)
+            rows.scatter_(0, inverse.to(idx.device)[:, None].expand(-1, self.heads), heads)
+            rows_all.append(rows.flatten())
+            sizes.append(len(uniq))
+        # Every sub-table owns a disjoint range of packed rows, so one count over all of them
+        # counts each sub-table's rows apart (one sort instead of one per sub-table).
+        _, inv_b, counts = torch.unique(torch.cat(rows_all), return_inverse=True,
+                                        return_counts=True)
+        collides = (counts[inv_b] > 1).float().split([u * self.heads for u in sizes])
+        rates = [c.view(u, self.heads).mean(0) for c, u in zip(collides, sizes)]
+        return torch.cat(rates).mean()
 
     # ---- forward ----------------------------------------------------------------------------
     def embed(self, ctx: ForwardContext, t: int, device: torch.device
@@ -302,8 +308,9 @@ class Engram(nn.Module):
             self.prefetch(ctx)
             pre = ctx.prefetched[self._key]
         win, idx, rows = pre
-        if rows is None:
-            rows = self.table(idx)
+        if rows is None:  # the table's rows; index_select's backward (an index_add into the
+            # zero gradient) gives the embedding's gradient bit for bit, in half the time
+            rows = self.table.weight.index_select(0, idx.flatten()).view(*idx.shape, -1)
         return win, idx, rows.to(device).flatten(-2)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: EngramCache | None = None
@@ -373,13 +380,9 @@ class Engram(nn.Module):
             cache.state = full[:, full.shape[1] - pad:].detach() if pad else full[:, :0]
         else:
             full = F.pad(z, (0, 0, pad, 0))
-        # y_t = sum_i w[:, i] * z_{t - (K-1-i) * dilation}: K shifted products (as fast as
-        # F.conv1d's depthwise kernel on CPU and readable; same weights as nn.Conv1d)
-        w, t = self.conv.weight[:, 0, :], z.shape[1]
-        out = full[:, :t] * w[:, 0]
-        for i in range(1, self.kernel_size):
-            out = out + full[:, i * self.dilation: i * self.dilation + t] * w[:, i]
-        return out
+        # y_t = sum_i w[:, i] * z_{t - (K-1-i) * dilation}: K shifted products (modules/
+        # dwconv.py; same weights as nn.Conv1d)
+        return shifted_conv(full, self.conv.weight[:, 0, :], self.dilation, z.shape[1])
 
     # ---- decode / accounting ------------------------------------------------------------------
     def new_cache(self, batch: int, device: torch.device | str = "cpu") -> EngramCache:

@@ -43,9 +43,10 @@ from v4lab.modules.rope import apply_rope
 from v4lab.modules.sparse import (
     LightningIndexer,
     head_summed_distribution,
-    indexer_kl,
+    indexer_kl_biased,
+    mask_bias,
     recall,
-    select_topk,
+    select_topk_causal,
     topk_indices,
 )
 
@@ -281,35 +282,44 @@ class MultiHeadLatentAttention(nn.Module):
     def _index_train(self, qh, kh, index, ctx: ForwardContext) -> torch.Tensor | None:
         """Indexer scores, selection, KL loss and stats for the training path.
 
-        Returns the attention mask [B, T, T] (causal & selected), or None for plain causal
-        attention (dense warm-up, or when top-k keeps every key)."""
+        Returns the additive attention bias [B, T, T] (0 on the selected keys, a large
+        negative number elsewhere, :func:`mask_bias`), or None for plain causal attention
+        (dense warm-up, or when top-k keeps every key)."""
         idx_q, idx_w, idx_k = index
         t = qh.shape[2]
         topk = self.sparse.topk
         causal = torch.ones(t, t, dtype=torch.bool, device=qh.device).tril()
-        scores = self.indexer.scores(idx_q, idx_w, idx_k)  # [B, T, T]
-        masked = scores.masked_fill(~causal, float("-inf"))
-        selected = select_topk(masked.detach(), topk) & causal
-        dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
-        attn_mask = None if (dense_phase or topk >= t) else selected
-        if not ctx.records and not torch.is_grad_enabled():
-            return attn_mask  # plain inference: no loss, no statistics
+        causal_bias = torch.zeros(t, t, device=qh.device).masked_fill_(~causal, float("-inf"))
+        scores = self.indexer.causal_scores(idx_q, idx_w, idx_k)  # [B, T, T], s <= t
         with torch.no_grad():
-            logits = (qh @ kh.transpose(-1, -2)) * self.scale  # [B, H, T, T]
-            p_dense = head_summed_distribution(
-                logits.masked_fill(~causal, float("-inf")).softmax(-1))
-            if attn_mask is None:
-                target, kl_mask = p_dense, causal
-            else:
-                target = head_summed_distribution(
-                    logits.masked_fill(~attn_mask[:, None], float("-inf")).softmax(-1))
-                kl_mask = attn_mask
-        kl = indexer_kl(target, scores, kl_mask)
+            selected = select_topk_causal(scores + causal_bias.to(scores.dtype), topk)
+        dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
+        bias = None if (dense_phase or topk >= t) else mask_bias(selected, qh.dtype)
+        if not ctx.records and not torch.is_grad_enabled():
+            return bias  # plain inference: no loss, no statistics
+        p_dense, target = self._kl_targets(qh, kh, causal_bias.to(qh.dtype), bias)
+        kl = indexer_kl_biased(target, scores,
+                               mask_bias(causal, scores.dtype) if bias is None else bias)
         if torch.is_grad_enabled():
             ctx.add_loss("sparse/indexer_kl", kl * self.sparse.kl_weight)
         ctx.add_stat("sparse/indexer_kl", kl)
         ctx.add_stat("sparse/recall", recall(p_dense, selected, causal, topk))
-        return attn_mask
+        return bias
+
+    @torch.no_grad()
+    def _kl_targets(self, qh, kh, causal_bias: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-summed main attention [B, T, T]: dense over the causal keys, and over the
+        keys of ``bias`` (the dense one again when None). The causal logits come from one
+        product (-inf added above the diagonal); the selected softmax reuses their buffer."""
+        b, h, t, _ = qh.shape
+        logits = torch.baddbmm(causal_bias, qh.reshape(b * h, t, -1),
+                               kh.reshape(b * h, t, -1).transpose(1, 2),
+                               alpha=self.scale).view(b, h, t, t)
+        p_dense = head_summed_distribution(logits.softmax(-1))
+        if bias is None:
+            return p_dense, p_dense
+        return p_dense, head_summed_distribution(logits.add_(bias[:, None]).softmax(-1))
 
     # ---- decode path --------------------------------------------------------------
     def _decode_path(self, q_nope, q_rope, c_kv, k_rope, index, ctx: ForwardContext,

@@ -271,7 +271,10 @@ class MoE(nn.Module):
         order = pair_expert.argsort(stable=True)
         counts = torch.bincount(pair_expert, minlength=self.n_experts)
         token = order // k  # source token of each sorted pair
-        y = self.experts(flat[token], counts.tolist(), gates.reshape(-1)[order])
+        # index_select, not flat[token]: the same rows, about 2.5x faster on CPU forward, and
+        # its backward is an index_add (not an accumulating index_put)
+        y = self.experts(flat.index_select(0, token), counts.tolist(),
+                         gates.reshape(-1).index_select(0, order))
         # sum the k gated outputs per token (y is bf16 under autocast: accumulate in y's dtype)
         out = flat.new_zeros(flat.shape, dtype=y.dtype).index_add_(0, token, y)
         if self.shared is not None:
