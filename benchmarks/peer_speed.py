@@ -37,6 +37,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def main() -> None:
                     help="skip the torch.profiler breakdown")
     ap.add_argument("--out", default=str(ROOT / "reports/perf.md"))
     a = ap.parse_args()
+    a.git_rev = git_rev(short=True)  # the code this run loads (a commit made meanwhile is not it)
 
     import transformers
 
@@ -344,9 +346,8 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
     lines = [
         "# v4lab vs transformers' DeepseekV3ForCausalLM: speed side by side",
         "",
-        "Command: `PYTHONPATH=src python3 benchmarks/peer_speed.py "
-        f"--threads {a.threads} --repeats {a.repeats} --decode-repeats {a.decode_repeats}` "
-        f"(code at git {git_rev(short=True)})",
+        f"Command: `PYTHONPATH=src python3 benchmarks/peer_speed.py {' '.join(sys.argv[1:])}` "
+        f"(code at git {a.git_rev}, read when the run started)",
         "",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"{platform.platform()}; torch {torch.__version__}, transformers {tf_version}, "
