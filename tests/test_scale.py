@@ -154,7 +154,9 @@ def test_every_study_manifest_is_valid(name):
     study = load_study(name, ROOT)
     sweep = math.prod(len(v) for v in study.sweep.values())
     assert study.name == name and len(study.rows()) == len(study.experiments) * sweep
-    assert len(study.runs()) == len(study.rows()) * len(study.seeds)
+    assert len(study.row_runs()) == len(study.rows()) * len(study.seeds)
+    trained = {study.source_row(row) for row in study.rows()}  # rows sharing runs train none
+    assert len(study.runs()) == len(trained) * len(study.seeds)
     assert len({r.name for r in study.runs()}) == len(study.runs())  # one folder per run
 
 
