@@ -118,49 +118,40 @@ def test_indexer_kl_gradient_matches_autograd_of_the_definition():
     assert torch.autograd.gradcheck(lambda s: indexer_kl(p, s, mask), (scores.detach().requires_grad_(),))
 
 
-def test_index_scores_values_and_gradients_match_the_formula():
-    """I(t, s) = sum_j w(t, j) ReLU(q(t, j) . k(s) / sqrt(d)) through the indexer's
-    hand-written backward equals autograd of the formula written as one einsum."""
-    g = torch.Generator().manual_seed(5)
-    b, t, h, d = 2, 7, 3, 8
+def _scores_against_formula(seed: int, t: int, h: int, d: int, causal_blocks: bool) -> None:
+    """The indexer's scores (``scores`` or ``causal_scores``) against autograd of the formula
+    I(t, s) = sum_j w(t, j) ReLU(q(t, j) . k(s) / sqrt(d)) written as one einsum, in float64:
+    values and gradients; with ``causal_blocks`` only where s <= t (the rest is never read)."""
+    g = torch.Generator().manual_seed(seed)
+    b = 2
     idx = LightningIndexer(16, 16, SparseConfig(index_n_heads=h, index_head_dim=d,
                                                 index_rope_dim=0), 10000.0)
     q, w, k = (torch.randn(*s, generator=g, dtype=torch.float64)
                for s in ((b, t, h, d), (b, t, h), (b, t, d)))
     leaves = [x.clone().requires_grad_(True) for x in (q, w, k)]
-    got = idx.scores(*leaves)
+    got = (idx.causal_scores if causal_blocks else idx.scores)(*leaves)
     ref_leaves = [x.clone().requires_grad_(True) for x in (q, w, k)]
     rq, rw, rk = ref_leaves
     ref = (torch.einsum("bthd,bsd->bths", rq, rk) / math.sqrt(d)).relu()
     ref = (ref * rw.unsqueeze(-1)).sum(-2)
-    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
-    up = torch.randn(b, t, t, generator=g, dtype=torch.float64)
+    keep = torch.ones(t, t, dtype=torch.bool)
+    if causal_blocks:
+        keep = keep.tril()
+    torch.testing.assert_close(got * keep, ref * keep, atol=1e-12, rtol=1e-10)
+    up = torch.randn(b, t, t, generator=g, dtype=torch.float64) * keep
     (got * up).sum().backward()
     (ref * up).sum().backward()
     for a, r in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, r.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_index_scores_values_and_gradients_match_the_formula():
+    """Through the indexer's hand-written backward (scores of every pair)."""
+    _scores_against_formula(5, t=7, h=3, d=8, causal_blocks=False)
 
 
 def test_causal_index_scores_match_the_formula_where_causal():
     """causal_scores (blocks of 64 queries against the keys up to their block's end; three
     blocks here) equals the formula for s <= t, and so do the gradients of any loss that
     reads only s <= t."""
-    g = torch.Generator().manual_seed(6)
-    b, t, h, d = 2, 150, 2, 4
-    idx = LightningIndexer(16, 16, SparseConfig(index_n_heads=h, index_head_dim=d,
-                                                index_rope_dim=0), 10000.0)
-    q, w, k = (torch.randn(*s, generator=g, dtype=torch.float64)
-               for s in ((b, t, h, d), (b, t, h), (b, t, d)))
-    leaves = [x.clone().requires_grad_(True) for x in (q, w, k)]
-    got = idx.causal_scores(*leaves)
-    ref_leaves = [x.clone().requires_grad_(True) for x in (q, w, k)]
-    rq, rw, rk = ref_leaves
-    ref = (torch.einsum("bthd,bsd->bths", rq, rk) / math.sqrt(d)).relu()
-    ref = (ref * rw.unsqueeze(-1)).sum(-2)
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-    torch.testing.assert_close(got * causal, ref * causal, atol=1e-12, rtol=1e-10)
-    up = torch.randn(b, t, t, generator=g, dtype=torch.float64) * causal
-    (got * up).sum().backward()
-    (ref * up).sum().backward()
-    for a, r in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, r.grad, atol=1e-12, rtol=1e-10)
+    _scores_against_formula(6, t=150, h=2, d=4, causal_blocks=True)

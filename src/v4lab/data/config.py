@@ -102,18 +102,16 @@ class EvalConfig:
         require(self.answer_loss_weight >= 0, f"{path}.answer_loss_weight", self.answer_loss_weight,
                 ">= 0")
         # a grid that is never evaluated (tasks=off) need not fit the model's rotary range
-        if max_seq_len is not None and self.enabled and not self.allow_extrapolation:
-            beyond = [c for c in self.contexts if c > max_seq_len]
+        limits = [(max_seq_len, "model.max_seq_len", "the model's rotary range", "anyway"),
+                  (trained_len, "trainer.seq_len", "the trained length",
+                   "as extrapolation (marked so in metrics.json and the report)")]
+        for limit, key, what, how in limits:
+            if limit is None or not self.enabled or self.allow_extrapolation:
+                continue
+            beyond = [c for c in self.contexts if c > limit]
             require(not beyond, f"{path}.contexts", self.contexts,
-                    f"lengths <= model.max_seq_len={max_seq_len} (the model's rotary range); "
-                    f"{beyond} lie beyond it: set {path}.allow_extrapolation=true to evaluate "
-                    "them anyway, or drop them")
-        if trained_len is not None and self.enabled and not self.allow_extrapolation:
-            beyond = [c for c in self.contexts if c > trained_len]
-            require(not beyond, f"{path}.contexts", self.contexts,
-                    f"lengths <= trainer.seq_len={trained_len} (the trained length); {beyond} lie "
-                    f"beyond it: set {path}.allow_extrapolation=true to evaluate them as "
-                    "extrapolation (marked so in metrics.json and the report), or drop them")
+                    f"lengths <= {key}={limit} ({what}); {beyond} lie beyond it: set "
+                    f"{path}.allow_extrapolation=true to evaluate them {how}, or drop them")
         return self
 
     @property
