@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,16 +253,9 @@ def parse_axis(value: Any, source: str, rows: list[str]) -> Axis | None:
     if not isinstance(values, dict) or len(values) < 2:
         raise ConfigError(f"{source}: axis values={values!r} is not allowed: a mapping of at least "
                           "two of the study's rows to numbers, e.g. {alloc_0: 0, alloc_50: 50}")
-    out = {}
-    for row, x in values.items():
-        if row not in rows:
-            raise ConfigError(f"{source}: axis values key {row!r} is not allowed: one of the "
-                              f"study's rows ({', '.join(rows)})")
-        if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
-                or (log and not x > 0)):
-            raise ConfigError(f"{source}: axis values {row}={x!r} is not allowed: a finite number"
-                              + (" > 0 (log: true)" if log else ""))
-        out[row] = float(x)
+    out = _number_items(values, source, "axis values", rows, "rows",
+                        "a finite number" + (" > 0 (log: true)" if log else ""),
+                        (lambda x: x > 0) if log else (lambda x: True))
     dup = sorted({x for x in out.values() if list(out.values()).count(x) > 1})
     if dup:
         raise ConfigError(f"{source}: axis values {out} are not allowed: {dup} given to more than "
@@ -277,16 +271,23 @@ def parse_equivalence(value: Any, source: str, metrics: list[str]) -> dict[str, 
     if not isinstance(value, dict) or not value:
         raise ConfigError(f"{source}: equivalence={value!r} is not allowed: a mapping of a metric "
                           "of the study to its equivalence margin, e.g. {val/bpb: 0.02}")
+    return _number_items(value, source, "equivalence", metrics, "metrics",
+                         "a margin, a finite number > 0 in the metric's unit", lambda x: x > 0)
+
+
+def _number_items(items: dict, source: str, what: str, allowed: list[str], allowed_name: str,
+                  rule: str, ok: Callable[[float], bool]) -> dict[str, float]:
+    """{key: float(x)} of a manifest mapping whose keys must be among ``allowed`` (the study's
+    ``allowed_name``) and whose values finite numbers passing ``ok``; an error names the
+    mapping (``what``), the key or value, and ``rule``."""
     out = {}
-    for metric, margin in value.items():
-        if metric not in metrics:
-            raise ConfigError(f"{source}: equivalence key {metric!r} is not allowed: one of the "
-                              f"study's metrics ({', '.join(metrics)})")
-        if (not isinstance(margin, (int, float)) or isinstance(margin, bool)
-                or not math.isfinite(margin) or not margin > 0):
-            raise ConfigError(f"{source}: equivalence {metric}={margin!r} is not allowed: a margin, "
-                              "a finite number > 0 in the metric's unit")
-        out[metric] = float(margin)
+    for key, x in items.items():
+        if key not in allowed:
+            raise ConfigError(f"{source}: {what} key {key!r} is not allowed: one of the study's "
+                              f"{allowed_name} ({', '.join(allowed)})")
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not ok(x):
+            raise ConfigError(f"{source}: {what} {key}={x!r} is not allowed: {rule}")
+        out[key] = float(x)
     return out
 
 
