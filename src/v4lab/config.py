@@ -253,6 +253,13 @@ def run_identity(config_dict: dict[str, Any]) -> dict[str, Any]:
             if not any(k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in free)}
 
 
+def differences(a: dict[str, Any], b: dict[str, Any], ignore=lambda key: False) -> list[str]:
+    """"key: a-value vs b-value" for every key of two flat dicts whose values differ
+    (a key missing on one side counts as None), except the keys ``ignore`` accepts."""
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if not ignore(k) and a.get(k) != b.get(k)]
+
+
 def check_one_experiment(overrides: list[str], combine_as: str | None) -> None:
     """One experiment overlay per run (``+experiment=[a,b]`` would silently apply both and
     write into the folder of the last one), unless the combination is named."""

@@ -47,7 +47,7 @@ import yaml
 
 from v4lab import tracking
 from v4lab.build import numerics
-from v4lab.config import MEASURED_CHIP_KEYS, RunConfig, load_run_config, run_identity
+from v4lab.config import MEASURED_CHIP_KEYS, RunConfig, differences, load_run_config, run_identity
 from v4lab.errors import ConfigError
 from v4lab.evaluate import time_decode
 from v4lab.io import atomic_replace, atomic_write_text, compose, config_hash, git_rev
@@ -211,8 +211,7 @@ def training_differences(trained: dict[str, Any], evaluating: dict[str, Any]) ->
     a, b = run_identity(trained), run_identity(evaluating)
     # a measured chip's (cpu_host) figures: timed when a run is built, absent before
     timed = tuple(f[:-2] for f in MEASURED_CHIP_KEYS) if trained.get("chip", {}).get("measured") else ()
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in EVAL_ONLY_KEYS and not k.startswith(timed) and a.get(k) != b.get(k)]
+    return differences(a, b, ignore=lambda k: k in EVAL_ONLY_KEYS or k.startswith(timed))
 
 
 def evaluate_run(run_cfg: RunConfig, source: Path, out: Path, threads: ThreadChoice | None = None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from v4lab import build, chips
-from v4lab.config import RunConfig, flatten, load_run_config
+from v4lab.config import RunConfig, differences, flatten, load_run_config
 from v4lab.errors import ConfigError
 from v4lab.io import compose
 from v4lab.probe_run import EVAL_ONLY_KEYS, training_differences
@@ -49,10 +49,6 @@ def training_signature(run_cfg: RunConfig) -> dict[str, Any]:
     return flatten(out)
 
 
-def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
 def check_classes(study: Study, root: Path) -> None:
     """Refuse ``shared_runs`` classes that the code does not train alike (a chip whose
     numerics differ from its class's first chip, for any experiment or other sweep value),
@@ -69,7 +65,7 @@ def check_classes(study: Study, root: Path) -> None:
             firsts = {}
             for label, values in classes.items():
                 for v in values[1:]:
-                    diff = _differing(sigs[values[0]], sigs[v])
+                    diff = differences(sigs[values[0]], sigs[v])
                     if diff:
                         raise ConfigError(f"{source}: shared_runs {axis} {label} is not allowed: "
                                           f"{v} trains unlike {values[0]} ({experiment}): "
