@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from v4lab.io import atomic_write_text, git_rev
 from v4lab.report import swap
+from v4lab.report.caches import CACHE_PAIRS_METHOD, cache_finding, cache_pairs_markdown, study_cache_pairs
 from v4lab.report.dashboards import log_to_wandb
 from v4lab.report.figures import draw
 from v4lab.report.runs import Runs, load_runs, with_shared_rows
@@ -40,6 +42,11 @@ def build(study: Study, root: Path, reports: Path | None = None) -> Path:
         made = draw(study, runs, stage / "figures")
         prov = provenance(study, trained, made, markdown_table(study, table), root)
         prov["findings"], prov["method"] = findings(study, table), method_text(study, table)
+        pairs = study_cache_pairs(study, runs)
+        if pairs:
+            prov["cache_pairs"] = [asdict(c) | {"delta": c.delta, "equivalent": c.equivalent} for c in pairs]
+            prov["findings"] += [cache_finding(c) for c in pairs]
+            prov["cache_pairs_md"] = cache_pairs_markdown(pairs)
         prov["report_seconds"] = round(time.perf_counter() - t0, 1)
         table.write_csv(stage / f"{study.name}.csv", float_precision=10)
         (stage / f"{study.name}.json").write_text(json.dumps(prov, indent=2) + "\n")
@@ -98,6 +105,9 @@ def study_markdown(study: Study, prov: dict[str, Any]) -> str:
     if prov.get("findings"):
         lines += ["## Findings", "", *[f"- {f}" for f in prov["findings"]], ""]
     lines += [prov["method"], "", prov["table_md"], ""]
+    if prov.get("cache_pairs_md"):
+        lines += ["## Caches on the same weights (paired)", "", CACHE_PAIRS_METHOD, "",
+                  prov["cache_pairs_md"], ""]
     for f in prov["figures"]:
         lines += [f"![{f['caption']}]({f['file']})", "", f"*{f['caption']}.*", ""]
     lines += ["## How it was made", "", *_provenance_lines(prov), ""]

@@ -2,7 +2,9 @@
 seeds with its 95% interval, the difference to the reference row (the manifest's
 ``baseline``) with its 95% interval, the p-value of a t-test whose seed variance is pooled
 over every row of the study (:func:`v4lab.stats.pooled_comparisons`), Holm-corrected over
-the rows compared, and the minimum detectable effect (80% power) of that test.
+the rows compared, and the minimum detectable effect (80% power) of that test. A ``paired``
+study (the probe studies: a seed's rows share their data and held-out queries) compares
+with seed as a block instead (:func:`v4lab.report.paired.blocked_comparisons`).
 
 Accuracies (``probe/acc@<L>``, ``*/acc``) whose runs also record how many answers they
 were measured on (``probe/answers@<L>``) show the accuracy pooled over seeds with an exact
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from v4lab.report.paired import blocked_comparisons
 from v4lab.report.runs import Runs, check_metrics
 from v4lab.stats import (
     ALPHA,
@@ -109,14 +112,16 @@ def _interval(metric: str, values: list[float], ms: list[dict[str, Any]]) -> dic
     return out
 
 
-def _comparisons(ref: str, groups: dict[str, list[float]]) -> tuple[dict[str, Comparison], float, int]:
+def _comparisons(ref: str, groups: dict[str, list[float]],
+                 paired: bool = False) -> tuple[dict[str, Comparison], float, int]:
     """Each row against ``ref`` (exact where neither has spread), the pooled SD and its df
-    (nan, 0 when the study has a single seed per row: no test)."""
+    (nan, 0 when the study has a single seed per row: no test). ``paired``: seed as a block
+    (:func:`v4lab.report.paired.blocked_comparisons`; its SD is the residual one)."""
     try:
-        s, df = pooled_sd(groups)
+        pooled, s, df = (blocked_comparisons(groups, ref) if paired
+                         else (pooled_comparisons(groups, ref), *pooled_sd(groups)))
     except ValueError:  # one seed per row: no degrees of freedom
         return {}, math.nan, 0
-    pooled = pooled_comparisons(groups, ref)
     a = groups[ref]
     out = {}
     for e, vs in groups.items():
@@ -140,7 +145,7 @@ def _metric_cells(study: Study, metric: str, groups: dict[str, list[float]],
     source = {e: study.source_row(e) if shared else e for e in groups}
     ref = source.get(study.baseline, study.baseline)
     own = {e: vs for e, vs in groups.items() if source[e] == e}
-    comps, s, df = _comparisons(ref, own) if ref in own else ({}, math.nan, 0)
+    comps, s, df = _comparisons(ref, own, study.paired) if ref in own else ({}, math.nan, 0)
     tested = [e for e, c in comps.items() if c.se > 0]
     adjusted = dict(zip(tested, holm([comps[e].p for e in tested]))) if tested else {}
     margin = study.equivalence.get(metric)
@@ -250,12 +255,18 @@ def markdown_table(study: Study, table: pl.DataFrame) -> str:
 def method_text(study: Study, table: pl.DataFrame) -> str:
     """The sentence under a table that says what its numbers are."""
     n = len(study.rows()) - _n_sharing(study)  # rows with runs of their own
+    test = (f"seed as a block (every row's seed s trains on the same generated sequences and is "
+            f"scored on the same held-out queries): the two-way model row + seed, its residual "
+            f"variance pooled over all {n} rows (df = (rows − 1)(seeds − 1); with two rows, the "
+            f"paired t-test)" if study.paired else
+            f"the seed variance pooled over all {n} rows of the study with runs of their own "
+            f"(df = runs − rows)")
     text = (f"Mean ± 95% CI (Student t) over seeds {study.seeds}; Δ = difference of the mean to "
-            f"the reference row `{study.baseline}`; p = two-sided t-test of Δ = 0 with the seed "
-            f"variance pooled over all {n} rows of the study with runs of their own (df = runs − "
-            f"rows), Holm-corrected over the {n - 1} row(s) compared with the reference, per metric; "
+            f"the reference row `{study.baseline}`; p = two-sided t-test of Δ = 0 with {test}, "
+            f"Holm-corrected over the {n - 1} row(s) compared with the reference, per metric; "
             f"* = corrected p < {ALPHA}. MDE = the smallest true |Δ| this test detects with "
-            f"{POWER:.0%} power at α = {ALPHA} (pooled SD, the row's and the reference's seeds). "
+            f"{POWER:.0%} power at α = {ALPHA} ({'residual' if study.paired else 'pooled'} SD, "
+            "the row's and the reference's seeds). "
             "(exact): a figure without spread in the row and the reference, compared without a "
             "test. n/a: one seed gives no interval or test.")
     if any(c.endswith(" answers") for c in table.columns):

@@ -15,6 +15,7 @@ A study manifest is ``experiments/<name>.yaml``::
     axis: {label: Engram share (%), values: {a0: 0, a50: 50}, log: false}  # optional
     shared_runs: {chip: {bf16_fp8: [nvidia_h800, nvidia_h20]}}  # optional: chips that train alike
     evaluates: recall             # optional: evaluate that study's runs again, no training
+    paired: true                  # optional: seed s of every row is a block (same data, same queries)
 
 One table row per experiment and sweep value; its label, e.g. ``full-chip_ascend_910c``
 (the experiment, then ``-<axis>_<value>`` per sweep axis, the axis named by the last part of
@@ -23,8 +24,10 @@ run folder, the DVC stage, the W&B run). Without ``sweep`` a row is just the exp
 ``axis`` places rows on a swept quantity (a number per row, e.g. the share of a budget
 when each row is its own experiment) for the report's quality-vs-axis figure.
 ``shared_runs``, ``evaluates``: runs that a row or study does not train itself
-(:mod:`v4lab.studies.sharing`). :func:`load_study` validates a manifest (errors name the
-file, the key and the value).
+(:mod:`v4lab.studies.sharing`). ``paired``: every row's seed s trains on the same generated
+sequences and is scored on the same held-out queries (the probe studies), so the report
+compares rows with seed as a block (:func:`v4lab.report.paired.blocked_comparisons`).
+:func:`load_study` validates a manifest (errors name the file, the key and the value).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from v4lab.errors import ConfigError
 from v4lab.studies.sharing import parse_evaluates, parse_shared_runs
 
 REQUIRED_KEYS = ("name", "experiments", "seeds", "baseline", "metrics")
-OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence", "axis", "shared_runs", "evaluates")
+OPTIONAL_KEYS = ("description", "sweep", "overrides", "equivalence", "axis", "shared_runs", "evaluates",
+                 "paired")
 # Keys a study sets itself; an override of them would break the run <-> folder mapping.
 OWNED_KEYS = ("experiment", "+experiment", "seed", "study", "variant", "hydra.sweep.dir",
               "hydra.sweep.subdir")
@@ -111,6 +115,7 @@ class Study:
     axis: Axis | None = None  # the swept quantity the rows are points of (a figure's x)
     shared: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # axis: {class: values}
     evaluates: str | None = None  # the study whose trained runs this one evaluates again
+    paired: bool = False  # rows compared with seed as a block (same data and queries per seed)
 
     def _trained(self, key: str, value: str) -> str:  # whose runs it uses: its class's first
         return next((vs[0] for vs in self.shared.get(key, {}).values() if value in vs), value)
@@ -233,7 +238,19 @@ def parse_study(data: Any, source: str, root: Path) -> Study:
     study.axis = parse_axis(data.get("axis"), source, study.rows())
     study.shared = parse_shared_runs(data.get("shared_runs"), source, sweep)
     study.evaluates = parse_evaluates(data.get("evaluates"), source, root, sweep)
+    study.paired = parse_paired(data.get("paired", False), source, study)
     return study
+
+
+def parse_paired(value: Any, source: str, study: Study) -> bool:
+    """A manifest's ``paired``: true or false; not with ``shared_runs`` (rows that are the
+    same runs are not blocks of a design)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: paired={value!r} is not allowed: true or false")
+    if value and study.shared:
+        raise ConfigError(f"{source}: paired=true is not allowed with shared_runs: rows sharing "
+                          "runs are the same runs, not paired replications")
+    return value
 
 
 def parse_axis(value: Any, source: str, rows: list[str]) -> Axis | None:
