@@ -170,6 +170,18 @@ def test_check_handles_the_new_columns(table):
         assert moved(col, 1e-6) == [] and len(moved(col, 3e-3 * mean)) == 1, col
 
 
+def test_check_lets_the_tests_of_wall_clock_metrics_move_with_the_machine():
+    """A rebuild on the same code moved only the p-values of speed/* rows (0.40 -> 1e-4):
+    a wall-clock figure's test is as machine-bound as the figure; quality p-values are not."""
+    runs = {k: (p, m | {"speed/train_tokens_per_s": 1000.0 + 10 * m["seed"] + (e == "no_a")})
+            for k, (p, m) in _runs().items() for e in [m["experiment"]]}
+    study = Study("mini", list(BPB), [0, 1, 2], "full", ["val/bpb", "speed/train_tokens_per_s"])
+    t = summarize(study, runs)
+    for col in ("speed/train_tokens_per_s p", "speed/train_tokens_per_s p_holm"):
+        assert compare(t.with_columns((1 - pl.col(col)).alias(col)), t) == [], col
+    assert len(compare(t.with_columns((1 - pl.col("val/bpb p")).alias("val/bpb p")), t)) >= 1
+
+
 def test_single_seed_gives_no_test_but_a_delta():
     study = Study("mini", list(BPB), [0], "full", ["val/bpb"], equivalence={"val/bpb": 0.05})
     runs = {k: v for k, v in _runs().items() if k.endswith("-s0")}
