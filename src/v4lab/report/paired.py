@@ -143,11 +143,12 @@ def cache_pairs(rows: Mapping[str, list[dict[str, Any]]], own: str,
                                          r[f"probe/kv_{cache}/discordant"])
                 n, n10, n01 = n + int(r[answers]), n10 + a, n01 + b
             found.append((row, cache, n, n10, n01, margins.get(f"probe/kv_{cache}/acc")))
-    p_holm = holm([mcnemar_p(a, b) for _, _, _, a, b, _ in found]) if found else []
+    p = [mcnemar_p(a, b) for _, _, _, a, b, _ in found]
+    p_holm = holm(p) if found else []
     out = []
-    for (row, cache, n, n10, n01, margin), ph in zip(found, p_holm, strict=True):
+    for (row, cache, n, n10, n01, margin), pi, ph in zip(found, p, p_holm, strict=True):
         acc_own = sum(round(r[own] * r[answers]) for r in rows[row]) / n
         out.append(CachePair(row, cache, n, n10, n01, acc_own, acc_own + (n10 - n01) / n,
-                             mcnemar_p(n10, n01), float(ph), *paired_delta_interval(n10, n01, n),
+                             pi, float(ph), *paired_delta_interval(n10, n01, n),
                              margin, *paired_delta_interval(n10, n01, n, 1 - 2 * ALPHA)))
     return out
