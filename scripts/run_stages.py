@@ -1,14 +1,15 @@
-"""Run dvc.yaml's training stages N at a time, then let DVC record them.
+"""Run dvc.yaml's stages N at a time, then let DVC record them.
 
 ``dvc repro`` runs stages one after another. The studies pin one thread per run
 (conf/trainer/study.yaml), so on an N-core machine N runs can share it; this script runs
 the ``train@<study>-<run>`` commands of dvc.yaml exactly as DVC would (same command line,
 same working directory), N at a time, then the ``evaluate@`` stages (they read trained
-runs), skipping runs that already have a metrics.json, and prints each run's wall time.
-Afterwards::
+runs), skipping runs that already have a metrics.json, then every study's report stage
+(``python -m v4lab.report build <study>``, always, one at a time), and prints
+each stage's wall time. Afterwards::
 
-    dvc commit -f train evaluate   # record the runs' outputs in dvc.lock (what dvc repro would have)
-    dvc repro                      # builds the reports; the runs are up to date
+    dvc commit -f                  # record every stage's outputs in dvc.lock (what dvc repro would have)
+    dvc status                     # "Data and pipelines are up to date."
 
     python scripts/run_stages.py --jobs 2 [--study components ...] [--no-preload]
 
@@ -35,17 +36,25 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("train", "evaluate")  # evaluate@ stages read the runs train@ stages make
+# evaluate@ stages read the runs train@ stages make; a study's report reads both
+PHASES = ("train", "evaluate", "report")
+REPORT = "python -m v4lab.report build "
 
 
 def commands(studies: list[str], phase: str = "train") -> list[tuple[str, str, Path]]:
-    """(stage name, command, run folder) of every ``phase`` stage of ``studies`` (all: [])."""
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].get(phase)
+    """(stage name, command, run folder) of every ``phase`` stage of ``studies`` (all: []).
+    A report stage's folder is None: it is never skipped."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    if phase == "report":
+        return [(name, st["cmd"], None) for name, st in stages.items()
+                if st.get("cmd", "").startswith(REPORT) and (not studies or name in studies)]
+    stage = stages.get(phase)
     out = []
     for name, item in (stage or {}).get("foreach", {}).items():
         if studies and item["study"] not in studies:
@@ -57,10 +66,18 @@ def commands(studies: list[str], phase: str = "train") -> list[tuple[str, str, P
     return out
 
 
-def preload() -> None:
-    """Import what every run imports, without running any torch op (see the docstring)."""
+PRELOAD = {  # what each phase's commands import (see the docstring)
     # v4lab first: importing it sets OMP_WAIT_POLICY, read once when torch loads OpenMP
-    for module in ("v4lab", "torch", "hydra", "lightning", "wandb", "v4lab.train", "v4lab.probe_run"):
+    "train": ("v4lab", "torch", "hydra", "lightning", "wandb", "v4lab.train", "v4lab.probe_run"),
+    "evaluate": (),
+    # after every run: polars' and matplotlib's imports never precede a training child
+    "report": ("v4lab.report.__main__",),
+}
+
+
+def preload(phase: str = "train") -> None:
+    """Import what ``phase``'s commands import, without running any torch op."""
+    for module in PRELOAD[phase]:
         importlib.import_module(module)
 
 
@@ -99,12 +116,25 @@ def _fork(cmd: str, log: Path) -> int:
         sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)  # noqa: SIM115
         sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)  # noqa: SIM115
         os.chdir(ROOT)
+        _forget_parent_finalizers()
         code = _as_main(argv[1:])
         atexit._run_exitfuncs()  # what interpreter shutdown would run (W&B, logging)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _forget_parent_finalizers() -> None:
+    """Drop, in a child, the exit callbacks that would delete its parent's temporary folders:
+    W&B's ``wandb-media`` folder (made at import, removed by an ``atexit`` callback and by
+    its ``weakref.finalize``). Run by the first child's exit they would delete it under the
+    parent and every later child (whose W&B tables then fail to write)."""
+    private = sys.modules.get("wandb.sdk.data_types._private")
+    if private is not None:
+        atexit.unregister(private.MEDIA_TMP.cleanup)
+    for finalizer in list(weakref.finalize._registry):  # the child's copy; all the parent's
+        finalizer.detach()
 
 
 def run_forked(todo: list[tuple[str, str]], jobs: int, log_dir: Path):
@@ -145,18 +175,21 @@ def main() -> int:
     parser.add_argument("--no-preload", action="store_true", help="a fresh process per command")
     args = parser.parse_args()
     preloaded = not args.no_preload and hasattr(os, "fork")
-    if preloaded:
-        preload()
     log_dir = ROOT / args.logs
     log_dir.mkdir(parents=True, exist_ok=True)
     t0, failed = time.perf_counter(), []
     for phase in PHASES:
         todo = [(n, c) for n, c, folder in commands(args.study, phase)
-                if not (folder / "metrics.json").is_file()]
-        print(f"{phase}: {len(todo)} runs to make, {args.jobs} at a time"
+                if folder is None or not (folder / "metrics.json").is_file()]
+        if preloaded:
+            preload(phase)
+        # reports one at a time: each build rewrites the shared index, reports/README.md,
+        # from every published table, so two at once could each miss the other's
+        jobs = 1 if phase == "report" else args.jobs
+        print(f"{phase}: {len(todo)} stages to run, {jobs} at a time"
               f"{', modules preloaded' if preloaded else ''}", flush=True)
         runner = run_forked if preloaded else run_fresh
-        for name, rc, seconds in runner(todo, args.jobs, log_dir):
+        for name, rc, seconds in runner(todo, jobs, log_dir):
             print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {seconds:.0f} s", flush=True)
             failed += [name] * (rc != 0)
     print(f"done in {time.perf_counter() - t0:.0f} s; failed: {failed or 'none'}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ def test_commands_are_dvc_yaml_stage_commands_with_items_filled_in():
     assert rs.commands(["no_such_study"], "train") == []
 
 
+def test_report_stages_are_every_study_s_build_command_never_skipped():
+    assert rs.commands(["smoke"], "report") == [("smoke", "python -m v4lab.report build smoke", None)]
+    studies = sorted(p.stem for p in (rs.ROOT / "experiments").glob("*.yaml"))
+    assert sorted(n for n, _, _ in rs.commands([], "report")) == studies
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_children_run_modules_as_main_and_report_exit_codes(tmp_path):
     todo = [("ok", "python -m json.tool --help"),          # argparse help: exit 0, text to stdout
@@ -42,3 +49,16 @@ def test_forked_children_run_modules_as_main_and_report_exit_codes(tmp_path):
 def test_a_command_that_is_not_python_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="not a python command"):
         rs._fork("dvc repro", tmp_path / "x.log")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_s_exit_leaves_the_parent_s_temporary_folders(tmp_path):
+    # W&B makes its media folder at import and removes it at exit; a report child that
+    # removed it broke every later child's W&B table (seen in the first forked reports)
+    from wandb.sdk.data_types._private import MEDIA_TMP
+
+    mine = tempfile.TemporaryDirectory()  # removed by a weakref.finalize at exit
+    todo = [("a", "python -m json.tool --help"), ("b", "python -m json.tool --help")]
+    assert [rc for _, rc, _ in rs.run_forked(todo, 1, tmp_path)] == [0, 0]
+    assert Path(MEDIA_TMP.name).is_dir() and Path(mine.name).is_dir()
+    mine.cleanup()
