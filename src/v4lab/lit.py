@@ -23,6 +23,16 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def reads_stats(step: int, every: int, max_steps: int) -> bool:
+    """Whether anything reads training step ``step``'s piece statistics: Lightning logs a
+    step's values when (step + 1) is a multiple of ``log_every_n_steps`` (its logger
+    connector's rule, with one optimizer step per batch as here), and
+    ``callbacks.PieceTail`` averages the last ``log_every_n_steps`` steps into
+    metrics.json. On the other steps the costly statistics are skipped
+    (``ForwardContext.diagnose``)."""
+    return (step + 1) % every == 0 or step >= max_steps - every
+
+
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
     if step < warmup:
@@ -50,6 +60,7 @@ class LitLM(L.LightningModule):
         self.last_answer = (0.0, 0)  # this step's (summed answer loss, answer tokens)
         self.last_mtp: torch.Tensor | None = None  # this step's MTP cross-entropy
         self.last_stats: dict[str, torch.Tensor] = {}  # this step's piece statistics (0-d, on device)
+        self.diagnose = True  # this training step's ForwardContext.diagnose (reads_stats)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         self._eval_sums: dict[str, torch.Tensor] = {}
         # FP4 (trainer.quantize): QAT reads the routed-expert weights (and the indexers read
@@ -71,8 +82,8 @@ class LitLM(L.LightningModule):
         x, y = batch[:, :-1], batch[:, 1:]
         step = int(self.global_step) if self._trainer is not None else None
         phase = "infer" if step is None else ("train" if self.training else "eval")
-        ctx = ForwardContext(positions=torch.arange(x.shape[1], device=x.device),
-                             input_ids=x, step=step, phase=phase)
+        ctx = ForwardContext(positions=torch.arange(x.shape[1], device=x.device), input_ids=x,
+                             step=step, phase=phase, diagnose=self.diagnose or phase != "train")
         logits = self.model(x, ctx)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                  reduction="none").view_as(y)
@@ -160,6 +171,11 @@ class LitLM(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._set_qat(int(self.global_step))
+        self.diagnose = self.reads_stats(int(self.global_step))
+
+    def reads_stats(self, step: int) -> bool:
+        """:func:`reads_stats` of this run's logging interval and length."""
+        return reads_stats(step, self.tcfg.log_every_n_steps, self.tcfg.max_steps)
 
     def on_fit_end(self) -> None:
         """The model is evaluated (and deployed) in FP4: QAT's quantiser on for good, or the

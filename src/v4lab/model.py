@@ -229,7 +229,7 @@ class Transformer(nn.Module):
 
             x = expand_streams(x, self.cfg.hc.n_streams)
             ctx.hc_product = None
-            ctx.hc_track = ctx.records or self.training
+            ctx.hc_track = (ctx.records or self.training) and ctx.diagnose  # statistics only
         for block in self.blocks:
             x = block(x, ctx)
         if self.hc_head is not None:
@@ -245,7 +245,7 @@ class Transformer(nn.Module):
         and statistics (an MoE block's) join ``ctx``'s."""
         h = ctx.hidden
         sub = ForwardContext(positions=ctx.positions[: h.shape[1] - 1], input_ids=tokens[:, 1:-1],
-                             step=ctx.step, phase=ctx.phase)
+                             step=ctx.step, phase=ctx.phase, diagnose=ctx.diagnose)
         ce = self.mtp.ce(h, tokens, sub)
         for name, value in sub.aux_losses.items():
             ctx.add_loss(name, value)

@@ -32,6 +32,11 @@ class ForwardContext:
       recorded). Left unset, it is ``infer`` without a ``step`` and ``train`` with one.
     step: global training step in the ``train``/``eval`` phases (selects the sparse
       warm-up); None in ``infer``.
+    diagnose: whether pieces compute the statistics that cost time and feed no loss (the
+      indexers' recall, which ranks the main attention's own top-k; Engram's bucket
+      collision rate; mHC's product of mixing matrices across depth). The trainer turns it
+      off on training steps whose statistics nobody reads (``LitLM.reads_stats``); the
+      losses, and so the training, are the same either way.
     aux_losses: name -> scalar tensor; the trainer adds their sum to the LM loss.
     stats: name -> (sum, count) of a statistic over the layers that report it, the sum a
       detached 0-d tensor: nothing here waits for the device (no per-layer ``.item()``);
@@ -51,6 +56,7 @@ class ForwardContext:
     history_ids: torch.Tensor | None = None
     step: int | None = None
     phase: str | None = None
+    diagnose: bool = True
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
     prefetched: dict[str, Any] = field(default_factory=dict)

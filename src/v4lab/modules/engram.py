@@ -348,7 +348,8 @@ class Engram(nn.Module):
                idx: torch.Tensor) -> None:
         if ctx.records or self.training:
             ctx.add_stat("engram/gate_mean", alpha.mean())
-            ctx.add_stat("engram/bucket_collision_rate", self.collision_rate(win, idx))
+            if ctx.diagnose:  # a unique() per sub-table: skipped on steps nobody reads
+                ctx.add_stat("engram/bucket_collision_rate", self.collision_rate(win, idx))
 
     def gate(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """alpha = sigmoid(sign(g) sqrt(max(|g|, 1e-6))) (or sigmoid(g) with

@@ -297,28 +297,31 @@ class MultiHeadLatentAttention(nn.Module):
         bias = None if (dense_phase or topk >= t) else mask_bias(selected, qh.dtype)
         if not ctx.records and not torch.is_grad_enabled():
             return bias  # plain inference: no loss, no statistics
-        p_dense, target = self._kl_targets(qh, kh, causal_bias.to(qh.dtype), bias)
+        p_dense, target = self._kl_targets(qh, kh, causal_bias.to(qh.dtype), bias, ctx.diagnose)
         kl = indexer_kl_biased(target, scores,
                                mask_bias(causal, scores.dtype) if bias is None else bias)
         if torch.is_grad_enabled():
             ctx.add_loss("sparse/indexer_kl", kl * self.sparse.kl_weight)
         ctx.add_stat("sparse/indexer_kl", kl)
-        ctx.add_stat("sparse/recall", recall(p_dense, selected, causal, topk))
+        if ctx.diagnose:
+            ctx.add_stat("sparse/recall", recall(p_dense, selected, causal, topk))
         return bias
 
     @torch.no_grad()
-    def _kl_targets(self, qh, kh, causal_bias: torch.Tensor,
-                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head-summed main attention [B, T, T]: dense over the causal keys, and over the
-        keys of ``bias`` (the dense one again when None). The causal logits come from one
+    def _kl_targets(self, qh, kh, causal_bias: torch.Tensor, bias: torch.Tensor | None,
+                    dense: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Head-summed main attention [B, T, T]: dense over the causal keys (None when
+        ``dense`` is off and ``bias`` is given: only the recall reads it), and over the keys
+        of ``bias`` (the dense one again when None). The causal logits come from one
         product (-inf added above the diagonal); the selected softmax reuses their buffer."""
         b, h, t, _ = qh.shape
         logits = torch.baddbmm(causal_bias, qh.reshape(b * h, t, -1),
                                kh.reshape(b * h, t, -1).transpose(1, 2),
                                alpha=self.scale).view(b, h, t, t)
-        p_dense = head_summed_distribution(logits.softmax(-1))
         if bias is None:
+            p_dense = head_summed_distribution(logits.softmax(-1))
             return p_dense, p_dense
+        p_dense = head_summed_distribution(logits.softmax(-1)) if dense else None
         return p_dense, head_summed_distribution(logits.add_(bias[:, None]).softmax(-1))
 
     # ---- decode path --------------------------------------------------------------

@@ -212,7 +212,10 @@ class V4Attention(nn.Module):
         q, scores, usable, selected = q[:, r0:], scores[:, r0:], usable[r0:], selected[:, r0:]
         with torch.no_grad():
             logits = torch.einsum("bthd,bsd->bhts", q.float(), entries.float()) * q.shape[-1] ** -0.5
-            p_dense = head_summed_distribution(logits.masked_fill(~usable, float("-inf")).softmax(-1))
+            p_dense = None  # past the warm-up, only the recall reads it
+            if dense or ctx.diagnose:
+                p_dense = head_summed_distribution(
+                    logits.masked_fill(~usable, float("-inf")).softmax(-1))
             if dense:
                 target, mask = p_dense, usable
             else:
@@ -223,7 +226,8 @@ class V4Attention(nn.Module):
         if torch.is_grad_enabled():
             ctx.add_loss("v4/indexer_kl", kl * self.cfg.index_kl_weight)
         ctx.add_stat("v4/indexer_kl", kl)
-        ctx.add_stat("v4/recall", recall(p_dense, selected, usable, self.cfg.csa_topk))
+        if ctx.diagnose:
+            ctx.add_stat("v4/recall", recall(p_dense, selected, usable, self.cfg.csa_topk))
 
     # decoding one token: the lean path of v4_decode_step (methods, so tests can spy on them)
     def _lean_decode_applies(self, x: torch.Tensor) -> bool:
