@@ -49,17 +49,19 @@ def publish(out: str | Path, lines: list[str]) -> None:
 
 
 def training_step(lit: Any, opt: torch.optim.Optimizer, batch: torch.Tensor,
-                  step: int = 10**9):
+                  step: int = 10**9, diagnose: bool = False):
     """A closure running one training step of ``lit`` (a LitLM) on ``batch`` [B, T + 1].
 
     The forward runs in the ``train`` phase at global step ``step`` (default: past every
     warm-up, so sparse attention selects top-k as in most of a run), as a Lightning
-    training step does: auxiliary losses and the pieces' statistics are computed."""
+    training step does: auxiliary losses and the pieces' cheap statistics are computed;
+    the costly ones only with ``diagnose`` (default off: most of a run's steps skip them,
+    ``lit.reads_stats``)."""
     x, y = batch[:, :-1], batch[:, 1:]
 
     def run() -> None:
         ctx = ForwardContext(positions=torch.arange(x.shape[1]), input_ids=x, step=step,
-                             phase="train")
+                             phase="train", diagnose=diagnose)
         logits = lit.model(x, ctx)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss = loss + sum(ctx.aux_losses.values(), torch.zeros(()))
