@@ -86,3 +86,37 @@ def test_mha_learns_associative_recall():
     print(f"accuracy {r.accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {r.total} answers, {r.wall_s:.1f} s")
     assert r.total == 256 * 4 and math.isfinite(r.losses[-1])
     assert lo > 0.8 > 3 * r.baseline  # far above what a model without lookup reaches
+
+
+def test_probe_training_skips_unread_statistics_and_trains_the_same_weights(monkeypatch):
+    """Probe training reads no statistic, so it skips the costly ones (the indexer's recall
+    and the dense softmax only it needs); they feed no loss, so the weights are the ones a
+    run computing them on every step trains."""
+    from v4lab import probe_train
+    from v4lab.modules import mla
+    from v4lab.modules.args import SparseConfig
+
+    probe = AssocRecall(seq_len=32, n_pairs=4)
+    sparse = SparseConfig(enabled=True, topk=4, index_n_heads=2, index_head_dim=16,
+                          index_rope_dim=8, warmup_steps=2)
+    calls, real = [], mla.recall
+    monkeypatch.setattr(mla, "recall", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def trained(diagnose: bool | None) -> tuple[list[float], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = tiny(probe.vocab_size, 32, kind="mla", sparse=sparse)
+        if diagnose is not None:  # force the statistics on
+            real_ctx = probe_train.ForwardContext
+            monkeypatch.setattr(probe_train, "ForwardContext",
+                                lambda **kw: real_ctx(**{**kw, "diagnose": diagnose}))
+        result = train_probe(model, probe, steps=6, batch=8, eval_sequences=8)
+        monkeypatch.undo()
+        monkeypatch.setattr(mla, "recall", lambda *a, **k: calls.append(1) or real(*a, **k))
+        return result.losses, model.state_dict()
+
+    skipped = trained(None)
+    assert not calls
+    every_step = trained(True)
+    assert calls  # the statistic exists on these steps when asked for
+    assert skipped[0] == every_step[0]
+    assert all(torch.equal(v, every_step[1][k]) for k, v in skipped[1].items())

@@ -158,3 +158,28 @@ def test_answer_loss_objective_matches_a_naive_per_row_computation():
     lit.answer_loss_weight = 0.0  # logged, not trained on
     assert float(lit.objective(tokens, answer_len)[0]) == pytest.approx(
         float(torch.stack(lm_terms).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", None)])
+def test_adamw_is_fused_in_full_precision_and_clipping_works_either_way(
+        precision, fused, smoke_overrides):
+    """Full precision: torch's fused AdamW kernel. Mixed precision: Lightning refuses gradient
+    clipping with a fused optimizer, so the plain one (a clipped bf16 step must train)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from v4lab.config import load_run_config
+    from v4lab.lit import LitLM
+
+    cfg = load_run_config(compose(["+experiment=baseline", *smoke_overrides]))
+    torch.manual_seed(0)
+    lit = LitLM(cfg.model, cfg.trainer, torch.ones(cfg.model.vocab_size, dtype=torch.long))
+    before = {n: p.detach().clone() for n, p in lit.named_parameters()}
+    trainer = L.Trainer(max_steps=2, precision=precision, gradient_clip_val=1.0, logger=False,
+                        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    batches = torch.randint(0, cfg.model.vocab_size, (4, 17))
+    trainer.fit(lit, DataLoader(batches, batch_size=2))
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is fused
+    assert any(not torch.equal(p, before[n]) for n, p in lit.named_parameters())

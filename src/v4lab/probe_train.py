@@ -147,8 +147,11 @@ def train_probe(model: nn.Module, probe, steps: int = 300, batch: int = 64, lr: 
             g["lr"] = lr * scale * g.get("lr_multiplier", 1.0)
         ids, targets = _tensors(probe.sample(rng, batch))
         # A training forward (step set): sparse attention's indexer warm-up and loss, MoE's
-        # balance losses and load count, as in the corpus runs (lit.LitLM).
-        ctx = ForwardContext(positions=torch.arange(ids.shape[1]), step=step - 1, phase="train")
+        # balance losses and load count, as in the corpus runs (lit.LitLM). No costly
+        # statistics (indexer recall, the dense softmax it needs, ...): nothing reads them
+        # here, and they feed no loss, so the weights are the same without them.
+        ctx = ForwardContext(positions=torch.arange(ids.shape[1]), step=step - 1, phase="train",
+                             diagnose=False)
         loss = answer_loss(model(ids, ctx), targets)
         total = loss + sum(ctx.aux_losses.values(), torch.zeros(()))
         opt.zero_grad(set_to_none=True)
