@@ -74,7 +74,7 @@ def build(experiment: str, overrides: list[str]):
     t = cfg.trainer
     torch.manual_seed(0)
     lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))
-    opt = torch.optim.AdamW(lit.parameters(), lr=1e-4)
+    opt = lit.configure_optimizers()["optimizer"]  # the training's own (fused AdamW, or Muon)
     batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
     flops = t.batch_size * t.seq_len * common.train_flops(cfg.model, t.seq_len)
     return common.training_step(lit, opt, batch), flops, t

@@ -39,7 +39,7 @@ def main(overrides: list[str]) -> None:
     t = cfg.trainer
     torch.manual_seed(0)
     lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))
-    opt = torch.optim.AdamW(lit.parameters(), lr=1e-4)
+    opt = lit.configure_optimizers()["optimizer"]  # the training's own (fused AdamW, or Muon)
     batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
     step = common.training_step(lit, opt, batch)
 
