@@ -65,7 +65,8 @@ GROUPS = [  # (group, aten op name fragments): first match wins
     ("softmax / log-softmax / KL", ("softmax", "xlogy")),
     ("copies and layout", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous",
                            "_to_copy", "aten::stack", "aten::pad", "constant_pad")),
-    ("optimizer", ("aten::lerp", "aten::addcdiv", "aten::addcmul", "_foreach", "aten::sqrt")),
+    ("optimizer", ("_fused_adam", "aten::lerp", "aten::addcdiv", "aten::addcmul", "_foreach",
+                   "aten::sqrt")),
 ]
 
 
