@@ -102,19 +102,18 @@ def test_probe_training_skips_unread_statistics_and_trains_the_same_weights(monk
     calls, real = [], mla.recall
     monkeypatch.setattr(mla, "recall", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def trained(diagnose: bool | None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    def trained(force_stats: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = tiny(probe.vocab_size, 32, kind="mla", sparse=sparse)
-        if diagnose is not None:  # force the statistics on
-            real_ctx = probe_train.ForwardContext
-            monkeypatch.setattr(probe_train, "ForwardContext",
-                                lambda **kw: real_ctx(**{**kw, "diagnose": diagnose}))
-        result = train_probe(model, probe, steps=6, batch=8, eval_sequences=8)
-        monkeypatch.undo()
-        monkeypatch.setattr(mla, "recall", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with monkeypatch.context() as m:
+            if force_stats:
+                real_ctx = probe_train.ForwardContext
+                m.setattr(probe_train, "ForwardContext",
+                          lambda **kw: real_ctx(**{**kw, "diagnose": True}))
+            result = train_probe(model, probe, steps=6, batch=8, eval_sequences=8)
         return result.losses, model.state_dict()
 
-    skipped = trained(None)
+    skipped = trained(False)
     assert not calls
     every_step = trained(True)
     assert calls  # the statistic exists on these steps when asked for
