@@ -6,11 +6,11 @@ above its mmap threshold (128 KiB at start, rising only as far as the largest mm
 freed so far) with fresh ``mmap``s, and hands the free top of its heap back to the kernel
 once it exceeds the trim threshold (twice the mmap threshold). Either way the next step's
 tensors land on pages the kernel must map and zero again, one 4 KiB page at a time: the
-full model at the study size (8 x 256) took about 35,000 minor page faults per step.
+full model at the study size (8 x 256) took about 39,000 minor page faults per step.
 
 :func:`retain_freed_memory` fixes both thresholds high (``mallopt``), so steady-state
-steps reuse the heap they already hold: about 3,000 faults per step, and the step about
-10% faster (``benchmarks/allocator.py``). The price is resident memory: the process keeps
+steps reuse the heap they already hold: about 3,000 faults per step, and the step 11-13%
+faster at one thread (``benchmarks/results/allocator.md``). The price is resident memory: the process keeps
 its peak heap (capped by the trim threshold's 1 GiB of free heap top) instead of returning
 it between steps.
 
