@@ -25,7 +25,6 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import common  # noqa: E402
 import piece_cost  # noqa: E402
@@ -34,7 +33,6 @@ import torch  # noqa: E402
 from v4lab.allocator import retain_freed_memory  # noqa: E402
 from v4lab.io import git_rev  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("glibc default", "retain")
 
 
@@ -129,10 +127,7 @@ def report(a, models, res, rate: float, load: tuple[float, float]) -> None:
                 f"{max(x['rss_mib'] for x in res[e, p]):,.0f} | {cell} |")
     lines += ["", "Values are the same under both policies "
               "(`tests/test_allocator.py`: the full model trains bit-identically)."]
-    if a.publish:
-        common.publish(ROOT / "benchmarks" / "results" / f"{a.publish}.md", lines)
-    else:
-        print("\n".join(lines))
+    common.publish_result(a.publish, lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from v4lab.chips.host import matmul_flops
 from v4lab.io import atomic_write_text
 from v4lab.modules.context import ForwardContext
 
-__all__ = ["forward_flops", "matmul_flops", "publish", "train_flops", "training_step"]
+__all__ = ["forward_flops", "matmul_flops", "publish", "publish_result", "train_flops",
+           "training_step"]
 
 
 def forward_flops(cfg: Any, keys: float, absorbed: bool = False) -> float:
@@ -46,6 +47,14 @@ def publish(out: str | Path, lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     atomic_write_text(Path(out), text)
     print(text, end="")
+
+
+def publish_result(name: str, lines: list[str]) -> None:
+    """``--publish NAME``: write benchmarks/results/NAME.md (and print it); no name: print only."""
+    if name:
+        publish(Path(__file__).resolve().parent / "results" / f"{name}.md", lines)
+    else:
+        print("\n".join(lines))
 
 
 def training_step(lit: Any, opt: torch.optim.Optimizer, batch: torch.Tensor,

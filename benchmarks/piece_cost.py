@@ -34,7 +34,6 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import common
 import torch
@@ -44,7 +43,6 @@ from v4lab.config import load_run_config
 from v4lab.io import compose, git_rev
 from v4lab.lit import LitLM
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # experiment -> the piece it removes from `full`
     "full": "",
     "no_sparse_mla": "sparse MLA indexer, top-k and its KL",
@@ -184,10 +182,7 @@ def report(a, models, ms_of, rate: float, rounds: int, ops: dict[str, dict[str, 
                   "|---|---:|---:|"]
         lines += [f"| {g} | {v:.1f} | {v / total:.1%} |"
                   for g, v in sorted(groups.items(), key=lambda kv: -kv[1])]
-    if a.publish:
-        common.publish(ROOT / "benchmarks" / "results" / f"{a.publish}.md", lines)
-    else:
-        print("\n".join(lines))
+    common.publish_result(a.publish, lines)
 
 
 if __name__ == "__main__":
