@@ -47,6 +47,7 @@ print(json.dumps({"faults": faults}))
 
 
 @needs_glibc
+@pytest.mark.process
 def test_freed_tensors_are_reused_without_page_faults():
     retained = _run(FAULTS, {})["faults"]
     default = _run(FAULTS, GLIBC_DEFAULTS)["faults"]
@@ -85,6 +86,7 @@ print(json.dumps({"sha": h.hexdigest()}))
 
 
 @needs_glibc
+@pytest.mark.process
 def test_training_is_bit_identical_under_either_policy():
     assert _run(TRAIN, {}) == _run(TRAIN, GLIBC_DEFAULTS)
 

@@ -92,6 +92,7 @@ def test_unknown_key_and_wrong_type_are_rejected():
         load_run_config(compose(["model.dim=wide"]))
 
 
+@pytest.mark.process
 def test_unknown_experiment_lists_the_available_ones():
     r = subprocess.run([sys.executable, "run.py", "+experiment=does_not_exist"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120,
@@ -103,6 +104,7 @@ def test_unknown_experiment_lists_the_available_ones():
         assert name in out
 
 
+@pytest.mark.process
 def test_bad_value_fails_before_training_with_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "run.py", "+experiment=baseline", "model.dim=-1",
                         f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,

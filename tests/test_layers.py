@@ -25,6 +25,7 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.process
 def test_layer_contracts_are_kept():
     r = _lint(ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -40,6 +41,7 @@ def test_layer_contracts_are_kept():
     ("accounting/keys.py", "import v4lab.accounting.kv"),  # inside accounting/: key counts below bytes
     ("chips/host.py", "import v4lab.chips.profile"),   # inside chips/: timing below the schema
 ])
+@pytest.mark.process
 def test_a_back_import_breaks_the_contracts(tmp_path, module, back_import):
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("*.egg-info"))
     shutil.copy(ROOT / ".importlinter", tmp_path)

@@ -108,6 +108,7 @@ def test_config_keys_added_to_the_code_since_a_run_are_not_a_different_configura
     assert config_diff(saved, renamed) == ['combine_as="x" (this folder\'s run: (absent))']
 
 
+@pytest.mark.process
 def test_rerun_with_another_configuration_is_refused_by_run_py_and_keeps_hydra_record(tmp_path, data_root):
     """From the command line: exit 1, one line on stderr, nothing in the folder rewritten
     (Hydra's own .hydra/ record included: run.py writes it only for an accepted run)."""
@@ -222,6 +223,7 @@ def test_default_folder_names_distinguish_profiles():
 # --- 4. one experiment per run ------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_two_experiment_overlays_are_refused_unless_named(tmp_path, data_root):
     from v4lab.config import check_one_experiment, load_run_config
 
@@ -250,6 +252,7 @@ def test_two_experiment_overlays_are_refused_unless_named(tmp_path, data_root):
 # --- 5. a lock per run folder ---------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_second_concurrent_run_into_one_folder_is_refused_at_once(tmp_path, overrides):
     run_dir = tmp_path / "busy"
     run_dir.mkdir()

@@ -165,6 +165,7 @@ def test_unknown_study_lists_the_available_ones():
         load_study("nope", ROOT)
 
 
+@pytest.mark.process
 def test_local_parallel_multirun_gives_separate_run_dirs_and_wandb_runs(tmp_path, data_root):
     """Acceptance: a study of two smoke experiments through the joblib launcher (2 jobs at
     once): two complete run dirs, two W&B runs, each holding only its own run."""
@@ -277,6 +278,7 @@ def test_ranks_started_by_slurm_train_together_with_rank_zero_outputs(tmp_path, 
 
 
 
+@pytest.mark.process
 def test_slurm_launcher_resolves_submission_parameters(tmp_path, monkeypatch):
     """hydra/launcher=slurm composes; the resolved keys follow the trainer profile and the
     overrides, and submitit turns them into the sbatch lines DDP on SLURM needs."""

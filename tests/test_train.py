@@ -108,6 +108,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
+@pytest.mark.process
 def test_run_py_acceptance_command_with_offline_wandb(tmp_path, data_root):
     """The README's command at smoke size, as a user runs it, with W&B offline."""
     from conftest import TINY_DATA

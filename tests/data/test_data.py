@@ -124,6 +124,7 @@ def test_resumable_sampler_skips_consumed_samples_and_keeps_epoch_length():
     assert list(s) == [4, 5, 6, 7, 8, 9] and len(s) == 10
 
 
+@pytest.mark.process
 def test_prepare_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "v4lab.data.prepare", "data.include=[json/*.py]",
                         "data.vocab_size=300", f"data.root={tmp_path}", "data.val_fraction=0.3",

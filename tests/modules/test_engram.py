@@ -79,6 +79,7 @@ def test_layers_use_different_seeds():
     assert not torch.equal(a.hash_indices(a.window(ids, 40)), b.hash_indices(b.window(ids, 40)))
 
 
+@pytest.mark.process
 def test_hash_deterministic_across_processes():
     ids = torch.randint(0, 5000, (2, 30), generator=torch.Generator().manual_seed(3))
     eng = Engram(16, ecfg(table_size=1009), 3, 5000)

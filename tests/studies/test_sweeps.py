@@ -216,6 +216,7 @@ def test_a_swept_key_cannot_be_overridden_when_launching(tmp_path):
         multirun_command(study, "basic", ["chip=ascend_910c"])
 
 
+@pytest.mark.process
 def test_swept_study_runs_as_one_multirun_into_the_named_folders(tmp_path, data_root):
     """End to end through Hydra's basic launcher: two chips x one experiment at a few smoke
     steps; each run in its own folder, each metrics.json the run of its chip."""
