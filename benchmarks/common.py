@@ -2,6 +2,8 @@
 
     import common  # benchmarks/ is on sys.path when a benchmark runs as a script
 
+- :func:`host_key`: the CPU model, torch version and thread count (what a result was
+  measured on; the same key the ``cpu_host`` chip's cached peaks are filed under);
 - :func:`matmul_flops`: achieved FLOP/s of a square GEMM in a dtype at the current thread
   count (``v4lab.chips.host``, the timer that measures the ``cpu_host`` chip's peaks);
 - :func:`training_step`: one step (forward, LM + auxiliary losses, backward, optimizer) of
@@ -21,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from v4lab.accounting import forward_flops_per_token, train_flops_per_token
-from v4lab.chips.host import matmul_flops
+from v4lab.chips.host import host_key, matmul_flops
 from v4lab.io import atomic_write_text
 from v4lab.modules.context import ForwardContext
 
-__all__ = ["forward_flops", "matmul_flops", "publish", "publish_result", "train_flops",
+__all__ = ["forward_flops", "host_key", "matmul_flops", "publish", "publish_result", "train_flops",
            "training_step"]
 
 

@@ -349,7 +349,7 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         f"Command: `PYTHONPATH=src python3 benchmarks/peer_speed.py {' '.join(sys.argv[1:])}` "
         f"(code at git {a.git_rev}, read when the run started)",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"- machine: {common.host_key()}, {os.cpu_count()} logical CPUs, "
         f"{platform.platform()}; torch {torch.__version__}, transformers {tf_version}, "
         f"python {platform.python_version()}",
         f"- threads: torch.set_num_threads({a.threads}) for both; load average (1/5/15 min) "

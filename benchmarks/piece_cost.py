@@ -146,7 +146,7 @@ def report(a, models, ms_of, rate: float, rounds: int, ops: dict[str, dict[str, 
         f"{'' if loo else ' --variants ' + ' '.join(a.variants)}"
         f"{' ' + ' '.join(a.overrides) if a.overrides else ''}` (code at git {git_rev()})",
         "",
-        f"- torch {torch.__version__}, 1 thread, {torch.backends.cpu.get_cpu_capability()}; "
+        f"- {common.host_key()}, {torch.backends.cpu.get_cpu_capability()}; "
         f"batch {t.batch_size} x {t.seq_len}; {rounds} rounds, every variant one step per round "
         f"(medians); load average {a.load[0]:.2f} at the start, {a.load[1]:.2f} at the end",
         f"- measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s; {ref}: {ref_s * 1e3:.1f} ms "
