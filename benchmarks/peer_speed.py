@@ -259,7 +259,7 @@ def main() -> None:
             dec_rows.append((prec, name, pre, med_ms[name], min(ms for _, ms in dec[name]),
                              dec_flops / (med_ms[name] / 1e3) / rates[prec],
                              med_ms["transformers"] / med_ms[name], same))
-    prof = profile_breakdown(models, x, y, prompt, a.threads) if a.profile else []
+    prof = profile_breakdown(models, x, y, prompt, a.precisions) if a.profile else []
     load1 = os.getloadavg()
     write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_flops,
                  dec_flops, hf_dec_flops, transformers.__version__, prof)
@@ -287,22 +287,24 @@ CATEGORIES = {  # aten op (self time) -> category
 
 
 def profile_breakdown(models: dict, x: torch.Tensor, y: torch.Tensor, prompt: torch.Tensor,
-                      threads: int) -> list[tuple[str, str, float, dict[str, float], list]]:
-    """torch.profiler over one fp32 training step and 16 decode steps of each model:
+                      precisions: list[str]) -> list[tuple[str, str, float, dict[str, float], list]]:
+    """torch.profiler over one training step of each model in each precision (a ratio
+    missed in bf16 needs its own breakdown) and 16 fp32 decode steps:
     (phase, name, total ms, ms per category, top ops [(op, ms)])."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
     for name, m in models.items():
         m.train()
-        train_step(m, x, y, False)
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            train_step(m, x, y, False)
-        out.append(("train step", name, *_categorise(p)))
+        for prec in precisions:
+            train_step(m, x, y, prec == "bf16")
+            with profile(activities=[ProfilerActivity.CPU]) as p:
+                train_step(m, x, y, prec == "bf16")
+            out.append((f"train step, {prec}", name, *_categorise(p)))
         m.eval()
         p = _profile_decode(m, prompt, 16)
         total, cats, top = _categorise(p)
-        out.append(("decode (per token)", name, total / 16, {k: v / 16 for k, v in cats.items()},
+        out.append(("decode per token, fp32", name, total / 16, {k: v / 16 for k, v in cats.items()},
                     [(op, ms / 16) for op, ms in top]))
     return out
 
@@ -414,10 +416,11 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
     if prof:
         cats = list(prof[0][3])
         lines += [
-            "## Where the time goes (torch.profiler, fp32, self CPU time of aten ops, ms)",
+            "## Where the time goes (torch.profiler, self CPU time of aten ops, ms)",
             "",
-            "One training step and the mean of 16 decode steps at the prompt's context, profiled "
-            "after the timed runs (the profiler adds its own overhead; shares are what it shows).",
+            "One training step per precision and the mean of 16 fp32 decode steps at the "
+            "prompt's context, profiled after the timed runs (the profiler adds its own "
+            "overhead; shares are what it shows).",
             "",
             "| phase | implementation | total | " + " | ".join(cats) + " |",
             "|---|---|---|" + "---|" * len(cats),
