@@ -32,13 +32,12 @@ SHAPES = {  # name: (batch, heads, seq, q/k width, v width)
 }
 
 
-def flash(q, k, v, scale):
-    return _causal_attention(q, k, v, scale)
-
-
-def math(q, k, v, scale):
+def math_path(q, k, v, scale):
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+PATHS = {"flash": _causal_attention, "math": math_path}  # v4lab's training call; the fallback
 
 
 def step(path, q, k, v, scale, g) -> float:
@@ -54,14 +53,14 @@ def measure(shape, seconds: float) -> dict:
     v = torch.randn(b, h, t, dv, generator=gen).requires_grad_()
     g = torch.randn(b, h, t, dv, generator=gen)
     scale = dq ** -0.5
-    diff = (flash(q, k, v, scale) - math(q, k, v, scale)).abs().max().item()
-    times = {"flash": [], "math": []}
-    for name in times:  # warm-up
-        step(globals()[name], q, k, v, scale, g)
+    diff = (_causal_attention(q, k, v, scale) - math_path(q, k, v, scale)).abs().max().item()
+    times = {name: [] for name in PATHS}
+    for path in PATHS.values():  # warm-up
+        step(path, q, k, v, scale, g)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times["flash"]) < 3:
-        for name in times:
-            times[name].append(step(globals()[name], q, k, v, scale, g))
+        for name, path in PATHS.items():
+            times[name].append(step(path, q, k, v, scale, g))
     ratio = statistics.median(m / f for f, m in zip(times["flash"], times["math"]))
     return {n: statistics.median(ts) * 1e3 for n, ts in times.items()} | {
         "ratio": ratio, "rounds": len(times["flash"]), "diff": diff}

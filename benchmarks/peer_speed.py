@@ -352,7 +352,7 @@ def write_report(a, cfg, rows, dec_rows, kv, rates, load0, load1, check, train_f
         f"(code at git {a.git_rev}, read when the run started)",
         "",
         f"- machine: {common.host_key()}, {os.cpu_count()} logical CPUs, "
-        f"{platform.platform()}; torch {torch.__version__}, transformers {tf_version}, "
+        f"{platform.platform()}; transformers {tf_version}, "
         f"python {platform.python_version()}",
         f"- threads: torch.set_num_threads({a.threads}) for both; load average (1/5/15 min) "
         f"{'/'.join(f'{v:.1f}' for v in load0)} at the start, "
