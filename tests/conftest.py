@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from lightning.pytorch.callbacks import Callback
+# Before torch loads OpenMP, which reads this once: idle OpenMP threads sleep instead of
+# spinning. v4lab sets it on import too, but here torch comes first, and two 2-thread test
+# workers on two cores (V4LAB_TEST_THREADS=2, CI's second pass) would spin against each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +51,8 @@ torch.set_num_threads(int(os.environ.get("V4LAB_TEST_THREADS", "1")))
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one worker per usable CPU, counted as
     ``trainer.num_threads=auto`` counts them (affinity, cgroup quota). At
-    V4LAB_TEST_THREADS=2 that oversubscribes the CPUs twice over, which with a passive
-    OpenMP wait (.ci/run) was still the faster way: CI's second pass on 2 cores, all 1,082
+    V4LAB_TEST_THREADS=2 that oversubscribes the CPUs twice over, which with the passive
+    OpenMP wait set above was still the faster way: CI's second pass on 2 cores, all 1,082
     tests, took 505 s with two workers against 541 s for 1,057 of them in one process."""
     from v4lab.threads import usable_cpus
 
