@@ -47,16 +47,39 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(int(os.environ.get("V4LAB_TEST_THREADS", "1")))
 
 
+# Memory one test worker may need: the largest worker's peak RSS was 1.34 GB over a whole
+# fast suite, and two workers with their child processes added 2.5 GB to the machine's
+# used memory (2-core AMD EPYC, 2026-12-02); 2 GiB leaves half as much again.
+WORKER_MEMORY = 2 * 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give new processes (MemAvailable), or None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one worker per usable CPU, counted as
-    ``trainer.num_threads=auto`` counts them (affinity, cgroup quota). At
-    V4LAB_TEST_THREADS=2 that oversubscribes the CPUs twice over, which with the passive
-    OpenMP wait set above was still the faster way: CI's second pass on 2 cores, all 1,082
-    tests, took 505 s with two workers against 541 s for 1,057 of them in one process."""
+    ``trainer.num_threads=auto`` counts them (affinity, cgroup quota), and no more than
+    the available memory holds at ``WORKER_MEMORY`` each (a many-core machine with little
+    memory would otherwise run out). At V4LAB_TEST_THREADS=2 this oversubscribes the CPUs
+    twice over, which with the passive OpenMP wait set above was still the faster way:
+    CI's second pass on 2 cores, all 1,082 tests, took 505 s with two workers against 541 s
+    for 1,057 of them in one process."""
     from v4lab.threads import usable_cpus
 
-    return max(1, int(usable_cpus()))
+    workers = int(usable_cpus())
+    memory = available_memory()
+    if memory is not None:
+        workers = min(workers, memory // WORKER_MEMORY)
+    return max(1, workers)
 
 
 # A small slice of the standard library: enough files for three splits, seconds to prepare.

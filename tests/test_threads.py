@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import conftest
+import v4lab.threads
 from v4lab.config import TrainerConfig
 from v4lab.errors import ConfigError
 from v4lab.threads import busy_cpus, cgroup_quota, choose_threads
@@ -48,3 +50,17 @@ def test_busy_cpus_is_a_non_negative_count():
 def test_num_threads_is_validated(bad):
     with pytest.raises(ConfigError, match=r"trainer.num_threads=.*'auto'"):
         TrainerConfig(num_threads=bad).validate()
+
+
+@pytest.mark.parametrize("cpus,memory_gib,expected", [
+    (64.0, 9, 4),       # many cores, little memory: memory decides (2 GiB a worker)
+    (2.0, 24, 2),       # this project's 2-core machine: one worker per CPU
+    (2.5, None, 2),     # a fractional cgroup quota rounds down; no MemAvailable: CPUs decide
+    (8.0, 1, 1),        # never fewer than one worker
+])
+def test_auto_test_workers_fit_the_cpus_and_the_memory(monkeypatch, cpus, memory_gib, expected):
+    """The suite's own ``-n auto`` (tests/conftest.py) counts workers like the thread policy."""
+    monkeypatch.setattr(v4lab.threads, "usable_cpus", lambda: cpus)
+    memory = None if memory_gib is None else memory_gib * 2**30
+    monkeypatch.setattr(conftest, "available_memory", lambda: memory)
+    assert conftest.pytest_xdist_auto_num_workers(None) == expected
