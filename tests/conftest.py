@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Before torch loads OpenMP, which reads this once: idle OpenMP threads sleep instead of
-# spinning. v4lab sets it on import too, but here torch comes first, and two 2-thread test
-# workers on two cores (V4LAB_TEST_THREADS=2, CI's second pass) would spin against each other.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# v4lab before torch: importing it sets the passive OpenMP wait (v4lab.threads), which
+# OpenMP reads once when torch loads it; two 2-thread test workers on two cores
+# (V4LAB_TEST_THREADS=2, CI's second pass) would otherwise spin against each other.
+from v4lab.threads import usable_cpus
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+# isort: split
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +74,6 @@ def pytest_xdist_auto_num_workers(config) -> int:
     twice over, which with the passive OpenMP wait set above was still the faster way:
     CI's second pass on 2 cores, all 1,082 tests, took 505 s with two workers against 541 s
     for 1,057 of them in one process."""
-    from v4lab.threads import usable_cpus
-
     workers = int(usable_cpus())
     memory = available_memory()
     if memory is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 import conftest
-import v4lab.threads
 from v4lab.config import TrainerConfig
 from v4lab.errors import ConfigError
 from v4lab.threads import busy_cpus, cgroup_quota, choose_threads
@@ -60,7 +59,7 @@ def test_num_threads_is_validated(bad):
 ])
 def test_auto_test_workers_fit_the_cpus_and_the_memory(monkeypatch, cpus, memory_gib, expected):
     """The suite's own ``-n auto`` (tests/conftest.py) counts workers like the thread policy."""
-    monkeypatch.setattr(v4lab.threads, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(conftest, "usable_cpus", lambda: cpus)
     memory = None if memory_gib is None else memory_gib * 2**30
     monkeypatch.setattr(conftest, "available_memory", lambda: memory)
     assert conftest.pytest_xdist_auto_num_workers(None) == expected
