@@ -68,14 +68,22 @@ GROUPS = [  # (group, aten op name fragments): first match wins
 ]
 
 
-def build(experiment: str, overrides: list[str]):
+def build_lit(experiment: str, overrides: list[str]):
+    """A freshly initialised LitLM of ``experiment`` (seed 0: two builds hold the same
+    weights), its training's own optimizer (fused AdamW, or Muon), a random batch
+    [B, T + 1], its training FLOPs per step (``v4lab.accounting``) and the trainer config."""
     cfg = load_run_config(compose([f"+experiment={experiment}", *overrides]))
     t = cfg.trainer
     torch.manual_seed(0)
     lit = LitLM(cfg.model, t, torch.ones(cfg.model.vocab_size, dtype=torch.long))
-    opt = lit.configure_optimizers()["optimizer"]  # the training's own (fused AdamW, or Muon)
+    opt = lit.configure_optimizers()["optimizer"]
     batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
     flops = t.batch_size * t.seq_len * common.train_flops(cfg.model, t.seq_len)
+    return lit, opt, batch, flops, t
+
+
+def build(experiment: str, overrides: list[str]):
+    lit, opt, batch, flops, t = build_lit(experiment, overrides)
     return common.training_step(lit, opt, batch), flops, t
 
 
@@ -143,8 +151,8 @@ def report(a, models, ms_of, rate: float, rounds: int, ops: dict[str, dict[str, 
         f"# Training-step cost: {', '.join(a.variants[1:])} against {ref}",
         "",
         f"Command: `PYTHONPATH=src python benchmarks/piece_cost.py --seconds {a.seconds:g}"
-        f"{'' if loo else ' --variants ' + ' '.join(a.variants)}"
-        f"{' ' + ' '.join(a.overrides) if a.overrides else ''}` (code at git {git_rev()})",
+        f"{' ' + ' '.join(a.overrides) if a.overrides else ''}"  # before --variants, which takes all after it
+        f"{'' if loo else ' --variants ' + ' '.join(a.variants)}` (code at git {git_rev()})",
         "",
         f"- {common.host_key()}, {torch.backends.cpu.get_cpu_capability()}; "
         f"batch {t.batch_size} x {t.seq_len}; {rounds} rounds, every variant one step per round "
