@@ -59,8 +59,11 @@ def publish_result(name: str, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
+PAST_WARMUP = 10**9  # a global step past every warm-up (sparse attention selects top-k)
+
+
 def training_step(lit: Any, opt: torch.optim.Optimizer, batch: torch.Tensor,
-                  step: int = 10**9, diagnose: bool = False):
+                  step: int = PAST_WARMUP, diagnose: bool = False):
     """A closure running one training step of ``lit`` (a LitLM) on ``batch`` [B, T + 1].
 
     The forward runs in the ``train`` phase at global step ``step`` (default: past every

@@ -47,7 +47,7 @@ from torch._dynamo.utils import counters
 from v4lab.io import git_rev
 from v4lab.modules.context import ForwardContext
 
-STEP = 10**9  # past every warm-up, as common.training_step
+STEP = common.PAST_WARMUP
 
 
 def compile_blocks(lit) -> None:
@@ -126,7 +126,7 @@ def measure(experiment: str, overrides: list[str], seconds: float, n_run: int, c
             "rate": statistics.median(rates), "flops": flops, "t": t}
 
 
-def rows(experiment: str, m: dict, n_run: int) -> tuple[str, str, str]:
+def rows(experiment: str, m: dict) -> tuple[str, str, str]:
     e, c = (statistics.median(m["times"][k]) for k in ("eager", "compiled"))
     ratios = [a / b for a, b in zip(m["times"]["eager"], m["times"]["compiled"])]
     cost = (f"| {experiment} | {m['cold']['first_s']:.0f} | {m['warm']['first_s']:.1f} | "
@@ -146,7 +146,7 @@ def rows(experiment: str, m: dict, n_run: int) -> tuple[str, str, str]:
 def report(a, results: dict, load: tuple[float, float]) -> list[str]:
     t = next(iter(results.values()))["t"]
     rate = statistics.median(m["rate"] for m in results.values())
-    table = {experiment: rows(experiment, m, a.run_steps) for experiment, m in results.items()}
+    table = {experiment: rows(experiment, m) for experiment, m in results.items()}
     lines = [
         "# torch.compile per block: what it costs and what it saves in a training step", "",
         f"Command: `PYTHONPATH=src python benchmarks/compile_cost.py --seconds {a.seconds:g} "
