@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 from omegaconf import OmegaConf
 
@@ -181,10 +182,7 @@ def main() -> None:
     v3_fp8 = next(m for s, f, m, _ in rows if s.startswith("DeepSeek") and f.startswith(
         "MLA fp8 e4m3, fp32"))
     lines += ["", f"V3 FP8 (fp32 scales): {v3_fp8} bytes per token and layer (expected 656).", ""]
-    text = "\n".join(lines)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    common.publish(args.out, lines)
     if not (ok and all_equal and v3_fp8 == 656):
         raise SystemExit("benchmark requirement not met (see table)")
 

@@ -14,6 +14,7 @@ whatever happens (Ctrl-C included).
 
     python benchmarks/busy_machine.py                 # 2 busy processes, 60 steps
     python benchmarks/busy_machine.py --busy 3 --steps 40
+    python benchmarks/busy_machine.py --steps 3 profile=smoke   # overrides go to every run
 """
 
 from __future__ import annotations
@@ -65,19 +66,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--load-seconds", type=float, default=900.0, help="upper bound on the load's life")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "busy_machine.md"))
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides added to every run")
     a = ap.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows["idle"] = train_speed(Path(tmp) / "idle", a.steps, [])
+        rows["idle"] = train_speed(Path(tmp) / "idle", a.steps, a.overrides)
         load = start_load(a.busy, a.load_seconds)
         try:
-            rows["busy"] = train_speed(Path(tmp) / "busy", a.steps, [])
-            rows["busy-2"] = train_speed(Path(tmp) / "busy2", a.steps, ["trainer.num_threads=2"])
+            rows["busy"] = train_speed(Path(tmp) / "busy", a.steps, a.overrides)
+            rows["busy-2"] = train_speed(Path(tmp) / "busy2", a.steps,
+                                         [*a.overrides, "trainer.num_threads=2"])
         finally:
             stop_load(load)
     idle = rows["idle"]["speed/train_tokens_per_s"]
     lines = ["# Training throughput on a busy machine", "",
-             f"`python run.py +experiment=no_vvpa` at the cpu profile, {a.steps} steps, evaluation off; "
+             f"`python run.py +experiment=no_vvpa {' '.join(a.overrides) or 'profile=cpu'}`, "
+             f"{a.steps} steps, evaluation off; "
              f"'busy' runs beside {a.busy} single-threaded busy loops on a machine with "
              f"{os.cpu_count()} CPUs. Default policy: `trainer.num_threads=auto`, "
              "`OMP_WAIT_POLICY=PASSIVE`.", "",

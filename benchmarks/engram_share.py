@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 from omegaconf import OmegaConf
 
@@ -115,10 +116,7 @@ def main() -> None:
         f"(gate mean, bucket collision rate), {(t_nostat - t_off) / t_nostat:.1%} without them.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    common.publish(args.out, lines)
 
 
 if __name__ == "__main__":

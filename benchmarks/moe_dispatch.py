@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
@@ -168,10 +169,7 @@ def main() -> None:
         "from about a third faster to a third slower. It is therefore not the default "
         "(RoutedExperts.use_grouped_mm).",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    common.publish(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 
 Same models, weights, batch and step as ``benchmarks/peer_speed.py`` (fp32, forward +
 backward of the LM loss at its default config: hidden 256, 4 layers, 16 routed experts
-top-4, batch 8 x 512). Each model is also wrapped in ``torch.compile`` (inductor, default
-mode); the first call of each compiled model compiles and is timed separately. Then the
-four variants alternate run by run and the medians are compared: speed-ups against eager
-transformers and against compiled transformers.
+top-4, batch 8 x 512 unless ``--batch``/``--seq`` say otherwise). Each model is also
+wrapped in ``torch.compile`` (inductor, default mode); the first call of each compiled
+model compiles and is timed separately. Then the four variants alternate run by run and
+the medians are compared: speed-ups against eager transformers and against compiled
+transformers.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "reports/perf_compile.md"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg, hf, v4 = ps.default_pair(seq=512)
+    cfg, hf, v4 = ps.default_pair(seq=a.seq)
     hf.train(), v4.train()
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab, (8, cfg.seq), generator=g)
-    y = torch.randint(0, cfg.vocab, (8, cfg.seq), generator=g)
+    x = torch.randint(0, cfg.vocab, (a.batch, cfg.seq), generator=g)
+    y = torch.randint(0, cfg.vocab, (a.batch, cfg.seq), generator=g)
     # A compiled module wraps the original one: dispatch on what it wraps.
     ps.is_hf = lambda m: not isinstance(getattr(m, "_orig_mod", m), ps.Transformer)
     models = {"transformers": hf, "v4lab": v4}
@@ -59,10 +62,11 @@ def main() -> None:
     med = {n: statistics.median(t) for n, t in times.items()}
     lines = ps.report_header(
         "torch.compile and the training step: v4lab vs transformers",
-        f"PYTHONPATH=src python3 benchmarks/peer_compile.py --threads {a.threads} --repeats {a.repeats}",
+        f"PYTHONPATH=src python3 benchmarks/peer_compile.py --threads {a.threads} --repeats {a.repeats}"
+        + ("" if (a.batch, a.seq) == (8, 512) else f" --batch {a.batch} --seq {a.seq}"),
         a.threads, load0, os.getloadavg())
     lines += [
-        f"- batch 8 x 512; compile time (first step of each compiled model): transformers "
+        f"- batch {a.batch} x {a.seq}; compile time (first step of each compiled model): transformers "
         f"{compile_s['transformers']:.0f} s, v4lab {compile_s['v4lab']:.0f} s",
         "", f"Median of {a.repeats} alternating runs after a warm-up round:", "",
         "| implementation | s / step | tokens/s | min-max s | vs eager transformers "

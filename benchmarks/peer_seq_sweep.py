@@ -25,15 +25,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"8x512"`` -> (8, 512)."""
+    try:
+        batch, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not BxT (e.g. 8x512)") from None
+    return batch, seq
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long", action="store_true", help="also 1 x 4096")
+    ap.add_argument("--shapes", nargs="+", default=["8x512", "4x1024", "2x2048"], metavar="BxT",
+                    help="batch x sequence length of each shape")
     ap.add_argument("--out", default=str(ROOT / "reports/perf_seq.md"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    shapes = [(8, 512), (4, 1024), (2, 2048)] + ([(1, 4096)] if a.long else [])
+    shapes = [parse_shape(s) for s in a.shapes] + ([(1, 4096)] if a.long else [])
     cfg_args, hf, v4 = ps.default_pair(seq=max(s for _, s in shapes))
     models = {"transformers": hf.train(), "v4lab": v4.train()}
     load0 = os.getloadavg()
@@ -53,12 +64,15 @@ def main() -> None:
         rows.append((batch, seq, med, flops))
         print(f"{batch} x {seq}: " + ", ".join(f"{n} {v:.3f}s" for n, v in med.items())
               + f"  ratio {med['transformers'] / med['v4lab']:.2f}x", flush=True)
+    shapes_arg = "" if a.shapes == ap.get_default("shapes") else " --shapes " + " ".join(a.shapes)
+    tokens = " / ".join(sorted({f"{b * t:,}" for b, t in shapes}))  # one figure by default
     lines = ps.report_header(
         "Training step against sequence length: v4lab vs transformers",
         f"PYTHONPATH=src python3 benchmarks/peer_seq_sweep.py --threads {a.threads} "
-        f"--repeats {a.repeats}{' --long' if a.long else ''}", a.threads, load0, os.getloadavg())
+        f"--repeats {a.repeats}{shapes_arg}{' --long' if a.long else ''}", a.threads, load0,
+        os.getloadavg())
     lines += [
-        f"- 4,096 tokens per batch; median of {a.repeats} alternating runs after a warm-up round",
+        f"- {tokens} tokens per batch; median of {a.repeats} alternating runs after a warm-up round",
         "",
         "| batch x seq | transformers s | v4lab s | transformers tokens/s | v4lab tokens/s "
         "| model GFLOP / step | speed-up |",

@@ -9,13 +9,15 @@ The FLOPs torch's FlopCounterMode counts in the step (causal attention priced as
 the optimizer's elementwise work not at all) are shown beside them.
 
     python benchmarks/train_throughput.py                      # baseline at the cpu size
-    python benchmarks/train_throughput.py --threads=1 +experiment=full profile=smoke
+    python benchmarks/train_throughput.py --threads 1 +experiment=full profile=smoke
+
+Writes benchmarks/results/train_throughput_<experiment>.md unless ``--out`` names another file.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +28,17 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(overrides: list[str]) -> None:
-    threads = [o for o in overrides if o.startswith("--threads=")]
-    overrides = [o for o in overrides if o not in threads]
-    if threads:
-        torch.set_num_threads(int(threads[0].split("=", 1)[1]))
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="time budget of the rounds")
+    ap.add_argument("--out", default="", help="report file (default: benchmarks/results/"
+                                               "train_throughput_<experiment>.md)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides (default: +experiment=baseline)")
+    a = ap.parse_args()
+    overrides = a.overrides
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from v4lab.config import load_run_config
     from v4lab.io import compose
     from v4lab.lit import LitLM
@@ -52,8 +60,8 @@ def main(overrides: list[str]) -> None:
     # Interleave the two measurements so both see the same machine load: rounds of one
     # training step and one matmul burst; medians over rounds.
     step_times, fp32_rates, bf16_rates = [], [], []
-    t_end = time.perf_counter() + 30.0
-    while time.perf_counter() < t_end or len(step_times) < 5:
+    t_end = time.perf_counter() + a.seconds
+    while time.perf_counter() < t_end or len(step_times) < 3:
         t0 = time.perf_counter()
         step()
         step_times.append(time.perf_counter() - t0)
@@ -82,11 +90,9 @@ def main(overrides: list[str]) -> None:
         f"| MFU vs fp32 matmul | {achieved / fp32:.1%} |",
         f"| MFU vs bf16 matmul | {achieved / bf16:.1%} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"train_throughput_{cfg.experiment}.md"
-    out.write_text(text)
+    common.publish(a.out or ROOT / "benchmarks" / "results" / f"train_throughput_{cfg.experiment}.md",
+                   lines)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
