@@ -155,6 +155,43 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), v, is_causal=True, scale=scale)
 
 
+class _BiasedAttention(torch.autograd.Function):
+    """Attention under an additive bias, returning its probabilities too:
+    q, k [B, H, T, dq], v [B, H, T, dv], bias [B, T, T] -> (o [B, H, T, dv], p [B, H, T, T]).
+
+    The sparse training step needs both the attention output over the selected keys and
+    those keys' probabilities (the indexer's KL target). Fused SDPA returns only the output,
+    so the target used to recompute every score and softmax a second time; here one score
+    product and one softmax serve both (about 3% of the full model's step on CPU). p is
+    not differentiable (the target is detached). Backward, with P the probabilities and
+    dO the output gradient: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K
+    scale, dK = dS^T Q scale (rowsum(dO * O) = rowsum(P * dO V^T), the softmax backward).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float):  # type: ignore[override]
+        b, h, t, d = q.shape
+        scores = torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2))
+        p = scores.view(b, h, t, t).mul_(scale).add_(bias[:, None]).softmax(-1)
+        o = torch.bmm(p.view(b * h, t, t), v.reshape(b * h, t, -1)).view(b, h, t, -1)
+        ctx.save_for_backward(q, k, v, p, o)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(p)
+        return o, p
+
+    @staticmethod
+    def backward(ctx, grad_o, _grad_p):  # type: ignore[override]
+        q, k, v, p, o = ctx.saved_tensors
+        b, h, t, d = q.shape
+        p, grad_o = p.view(b * h, t, t), grad_o.reshape(b * h, t, -1)
+        grad_v = torch.bmm(p.transpose(1, 2), grad_o)
+        grad_s = torch.bmm(grad_o, v.reshape(b * h, t, -1).transpose(1, 2))
+        grad_s.sub_((grad_o * o.view(b * h, t, -1)).sum(-1, keepdim=True)).mul_(p)
+        grad_q = torch.bmm(grad_s, k.reshape(b * h, t, d)).mul_(ctx.scale)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q.reshape(b * h, t, d)).mul_(ctx.scale)
+        return grad_q.view_as(q), grad_k.view_as(k), grad_v.view_as(v), None, None
+
+
 def _scores_over_cache(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q [B, T, H, d] . keys [B, S, d] -> [B, T, H, S].
 
@@ -269,22 +306,14 @@ class MultiHeadLatentAttention(nn.Module):
         qh = torch.cat([q_nope, q_rope], -1).transpose(1, 2)  # [B, H, T, dn + dr]
         kh = torch.cat([k_nope, k_rope_h], -1).transpose(1, 2)
         vh = (torch.cat([v, k_rope_h], -1) if self.vvpa else v).transpose(1, 2)
-        attn_mask = None
-        if index is not None:
-            attn_mask = self._index_train(qh, kh, index, ctx)
-        if attn_mask is None:
-            o = _causal_attention(qh, kh, vh, self.scale)
-        else:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask[:, None],
-                                               scale=self.scale)
+        o = (_causal_attention(qh, kh, vh, self.scale) if index is None
+             else self._sparse_train(qh, kh, vh, index, ctx))
         return o.transpose(1, 2)
 
-    def _index_train(self, qh, kh, index, ctx: ForwardContext) -> torch.Tensor | None:
-        """Indexer scores, selection, KL loss and stats for the training path.
-
-        Returns the additive attention bias [B, T, T] (0 on the selected keys, a large
-        negative number elsewhere, :func:`mask_bias`), or None for plain causal attention
-        (dense warm-up, or when top-k keeps every key)."""
+    def _sparse_train(self, qh, kh, vh, index, ctx: ForwardContext) -> torch.Tensor:
+        """Indexer scores, selection, attention over the selected keys, KL loss and stats
+        for the training path. Returns o [B, H, T, dv]. Plain causal attention in the
+        dense warm-up, or when top-k keeps every key."""
         idx_q, idx_w, idx_k = index
         t = qh.shape[2]
         topk = self.sparse.topk
@@ -295,9 +324,20 @@ class MultiHeadLatentAttention(nn.Module):
             selected = select_topk_causal(scores + causal_bias.to(scores.dtype), topk)
         dense_phase = ctx.step is not None and ctx.step < self.sparse.warmup_steps
         bias = None if (dense_phase or topk >= t) else mask_bias(selected, qh.dtype)
-        if not ctx.records and not torch.is_grad_enabled():
-            return bias  # plain inference: no loss, no statistics
-        p_dense, target = self._kl_targets(qh, kh, causal_bias.to(qh.dtype), bias, ctx.diagnose)
+        if not ctx.records and not torch.is_grad_enabled():  # plain inference: no loss, no stats
+            return (_causal_attention(qh, kh, vh, self.scale) if bias is None else
+                    F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias[:, None], scale=self.scale))
+        causal_bias = causal_bias.to(qh.dtype)
+        if bias is None:
+            o = _causal_attention(qh, kh, vh, self.scale)
+            p_dense = target = self._dense_target(qh, kh, causal_bias)
+        elif qh.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            o, probs = _BiasedAttention.apply(qh, kh, vh, bias, self.scale)
+            target = head_summed_distribution(probs)
+            p_dense = self._dense_target(qh, kh, causal_bias) if ctx.diagnose else None
+        else:  # measured on CPU in fp32 only: elsewhere fused SDPA, and the target apart
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias[:, None], scale=self.scale)
+            p_dense, target = self._kl_targets(qh, kh, causal_bias, bias, ctx.diagnose)
         kl = indexer_kl_biased(target, scores,
                                mask_bias(causal, scores.dtype) if bias is None else bias)
         if torch.is_grad_enabled():
@@ -305,7 +345,11 @@ class MultiHeadLatentAttention(nn.Module):
         ctx.add_stat("sparse/indexer_kl", kl)
         if ctx.diagnose:
             ctx.add_stat("sparse/recall", recall(p_dense, selected, causal, topk))
-        return bias
+        return o
+
+    def _dense_target(self, qh, kh, causal_bias: torch.Tensor) -> torch.Tensor:
+        """Head-summed dense main attention [B, T, T] over the causal keys."""
+        return self._kl_targets(qh, kh, causal_bias, None)[0]
 
     @torch.no_grad()
     def _kl_targets(self, qh, kh, causal_bias: torch.Tensor, bias: torch.Tensor | None,
