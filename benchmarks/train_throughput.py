@@ -26,8 +26,8 @@ from pathlib import Path
 
 import common
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from v4lab import accounting
 from v4lab.threads import choose_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def main() -> None:
     batch = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1))
     step = common.training_step(lit, opt, batch)
 
-    with FlopCounterMode(display=False) as counter:
+    with accounting.flop_counter() as counter:
         step()
     counted_per_step = counter.get_total_flops()
     flops_per_step = t.batch_size * t.seq_len * common.train_flops(cfg.model, t.seq_len)

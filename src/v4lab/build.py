@@ -118,9 +118,7 @@ def measure_costs(model: Transformer, seq_len: int) -> dict[str, float]:
     """Parameter counts, KV bytes per token from a real cache, and training FLOPs per token:
     analytic (the roofline model's count, causal attention) and, as a cross-check, counted
     by torch's FlopCounterMode on one forward + backward of one sequence (which prices
-    causal attention as full)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    causal attention as full; :func:`accounting.flop_counter` makes it see CPU attention)."""
     was_training = model.training
     # Training forwards update running state (MoE's load count); leave it as it was found.
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -132,7 +130,7 @@ def measure_costs(model: Transformer, seq_len: int) -> dict[str, float]:
         kv_bytes = model.kv_bytes_per_token(caches)
     model.train()
     x = torch.zeros(1, seq_len, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
+    with accounting.flop_counter() as counter:
         model(x).float().logsumexp(-1).mean().backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)

@@ -7,7 +7,7 @@ a built one (tests point it at every experiment).
 
 One job per module, each importing only those below it (.importlinter):
 
-    check     the counts against a built Transformer
+    check     the counts against a built Transformer; torch's FLOP counter for CPU
     flops     FLOPs per token: forward by part, training, prefill, decode
     params    parameters, total and active, per piece
     kv        KV-cache bytes: per token, held after L tokens, read per decode step
@@ -17,7 +17,7 @@ Every public name is re-exported here, so ``from v4lab.accounting import param_c
 and ``accounting.train_flops_per_token(...)`` work without naming the module.
 """
 
-from v4lab.accounting.check import cross_check_model
+from v4lab.accounting.check import cross_check_model, flop_counter
 from v4lab.accounting.flops import (
     decode_flops_per_token,
     forward_flops_per_token,
@@ -60,7 +60,7 @@ from v4lab.accounting.params import (
 
 __all__ = [
     "DTYPE_BYTES", "SCALE_BYTES", "attention_params", "compressor_params", "cross_check_model",
-    "decode_flops_per_token", "decode_kv_read_bytes", "engram_table_rows",
+    "decode_flops_per_token", "decode_kv_read_bytes", "engram_table_rows", "flop_counter",
     "forward_flops_per_token", "hc_head_params", "hc_site_params",
     "indexer_bytes_per_token_layer", "kv_bytes_held", "kv_bytes_per_token",
     "kv_bytes_per_token_layer", "layer_attention_params", "mean_causal_keys", "mla_kv_bytes",

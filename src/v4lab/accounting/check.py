@@ -1,10 +1,12 @@
-"""The analytic counts against a built model (tests point it at every experiment)."""
+"""The analytic counts against a built model (tests point it at every experiment), and
+torch's FLOP counter made to see attention on CPU (:func:`flop_counter`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from v4lab.accounting.kv import kv_bytes_per_token, v4_window_bytes
 from v4lab.accounting.params import param_counts
@@ -36,3 +38,22 @@ def cross_check_model(model: Any, include_indexer: bool = True) -> dict[str, tup
         out["kv_window_bytes"] = (v4_window_bytes(cfg),
                                   sum(c["attn"].window_bytes() for c in caches))
     return out
+
+
+def _sdpa_fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _sdpa_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with the CPU attention kernels priced. torch registers
+    formulas for the CUDA flash/efficient SDPA kernels only, so on CPU every
+    ``scaled_dot_product_attention`` (forward and backward) counted as 0 FLOPs; these are
+    torch's own SDPA formulas (causal priced as full, as on CUDA) for the CPU kernels."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_fwd,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd})
